@@ -1,0 +1,162 @@
+"""A provider account's global limits, as the worker's (synchronous) job code uses them.
+
+The limiter itself (worker/ratelimit) is async; today's jobs run in Celery threads, so
+this module owns one event loop per process, in a thread, and runs the limiter's calls
+there. Every worker on every machine shares the same Redis state, so the limits hold
+for the whole fleet:
+
+- before a paid submission, ``admit(row)``: the circuit must be closed, a rate token
+  free (GCRA) and an in-flight slot free (a lease held by the row);
+- while the row waits on its provider, ``keep(row)`` refreshes that lease (a dead
+  worker's lease runs out by itself and the slot comes back);
+- when the row is terminal, ``release(row)``;
+- a 429 from the provider ``slow_down()``s the account for a while; an auth or credit
+  error ``trip()``s its circuit for every batch.
+
+When the row may not go yet, ``admit`` raises ``Deferred`` with the wait: the pipeline
+puts the row back in the queue for that long, without counting an attempt, and no
+thread or message waits meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from worker.errors import Codes, ProviderAccountError, ProviderUnavailable, RetryableError
+from worker.ratelimit import CircuitBreaker, Rate, RateLimiter, Semaphore, limit_key, parse_rate
+from worker.ratelimit.backends.redis import RedisCircuitBreaker, RedisRateLimiter, RedisSemaphore
+from worker.settings import Settings
+
+T = TypeVar("T")
+
+LEASE_S = 120.0  # > the longest gap between two polls of a waiting row (10 s) + slack
+SLOT_RETRY_S = 1.0  # how soon a row that found no free slot looks again
+PENALTY = 0.5  # a 429 halves the account's rate...
+PENALTY_S = 60.0  # ...for a minute (compounding while 429s keep coming)
+CIRCUIT_S = 300.0  # an auth/credit error closes the account for 5 minutes, for everyone
+
+
+class Deferred(RetryableError):
+    """Not now: come back in ``retry_after_s``. Not an error of the row: no attempt counts."""
+
+    def __init__(self, wait_s: float, why: str) -> None:
+        super().__init__(Codes.PROVIDER_RATE_LIMITED, why, retry_after_s=wait_s)
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread, for calling async code from sync threads."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="bgswap-limits", daemon=True)
+        thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 10.0) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise ProviderUnavailable(
+                Codes.PROVIDER_UNAVAILABLE, "the rate-limit store did not answer in time"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class Backends:
+    rates: RateLimiter
+    slots: Semaphore
+    circuit: CircuitBreaker
+
+
+@dataclass
+class ProviderLimits:
+    loop: BackgroundLoop
+    backends: Backends
+    key: str
+    rate: Rate | None
+    max_in_flight: int | None
+
+    def admit(self, row: str) -> None:
+        reason = self.loop.run(self.backends.circuit.reason(self.key))
+        if reason is not None:
+            raise ProviderAccountError(Codes.PROVIDER_HALTED, f"circuit open: {reason}")
+        if self.max_in_flight is not None:
+            got = self.backends.slots.try_acquire(self.key, row, self.max_in_flight, LEASE_S)
+            if not self.loop.run(got):
+                raise Deferred(SLOT_RETRY_S, f"{self.max_in_flight} requests already in flight")
+        if self.rate is not None:
+            wait = self.loop.run(self.backends.rates.acquire(self.key, self.rate))
+            if wait > 0:
+                self.release(row)  # no slot held while waiting for a token
+                raise Deferred(wait, f"rate limit {self.rate.count}/{self.rate.period_s:g}s")
+
+    def keep(self, row: str) -> None:
+        if self.max_in_flight is not None:
+            self.loop.run(self.backends.slots.refresh(self.key, row, LEASE_S))
+
+    def release(self, row: str) -> None:
+        if self.max_in_flight is not None:
+            self.loop.run(self.backends.slots.release(self.key, row))
+
+    def slow_down(self) -> None:
+        if self.rate is not None:
+            self.loop.run(self.backends.rates.slow_down(self.key, PENALTY, PENALTY_S))
+
+    def trip(self, reason: str) -> None:
+        self.loop.run(self.backends.circuit.trip(self.key, CIRCUIT_S, reason))
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    """One row's view of its provider's limits (what a provider calls)."""
+
+    limits: ProviderLimits
+    row: str
+
+    def admit(self) -> None:
+        self.limits.admit(self.row)
+
+    def keep(self) -> None:
+        self.limits.keep(self.row)
+
+    def slow_down(self) -> None:
+        self.limits.slow_down()
+
+
+def redis_backends(loop: BackgroundLoop, redis_url: str) -> Backends:
+    async def build() -> Backends:
+        # Created on the loop that will use it: redis.asyncio binds to its loop.
+        client = aioredis.Redis.from_url(redis_url)
+        return Backends(
+            RedisRateLimiter(client), RedisSemaphore(client), RedisCircuitBreaker(client)
+        )
+
+    return loop.run(build())
+
+
+def provider_limits(
+    settings: Settings, provider: str, loop: BackgroundLoop, backends: Backends
+) -> ProviderLimits | None:
+    """The limits configured for a paid provider (None for free ones)."""
+    if provider == "runware":
+        rate, cap = settings.runware_rate, settings.runware_max_in_flight
+    elif provider == "fal":
+        rate, cap = settings.fal_rate, settings.fal_max_in_flight
+    else:
+        return None
+    key = settings.provider_key(provider)
+    return ProviderLimits(
+        loop=loop,
+        backends=backends,
+        key=limit_key(provider, key.get_secret_value() if key else None),
+        rate=parse_rate(rate) if rate else None,
+        max_in_flight=cap,
+    )

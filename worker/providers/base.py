@@ -1,0 +1,113 @@
+"""The one small interface every provider implements, and the values it trades in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.jobs import Job, JobSpec
+from worker.limits import RowLimits
+from worker.storage import Storage, StoredObject
+
+
+@dataclass(frozen=True)
+class OutputImage:
+    """One result. ``stored`` is set when the provider already put it at its destination
+    (Runware's uploadEndpoint); the pipeline then uploads nothing and ``data`` is empty."""
+
+    data: bytes
+    content_type: str
+    extension: str
+    width: int | None
+    height: int | None
+    seed: int | None = None
+    nsfw: bool | None = None
+    stored: StoredObject | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not done yet: deliver this row again in ``seconds`` (see worker/providers/polling.py)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ProviderResult:
+    outputs: list[OutputImage]
+    cost_usd: float = 0.0
+    provider_task_id: str | None = None
+
+
+class Fetcher(Protocol):
+    def __call__(self, ref: str, field: str) -> bytes:
+        """Bytes of an image reference from the manifest (URL, s3://, data:, local path).
+
+        ``field`` names the manifest column, for error messages.
+        """
+        ...
+
+
+class Memory(Protocol):
+    """Per-row provider state that outlives the worker process (task ids, uploads).
+
+    Saved BEFORE a paid request is sent: a redelivered job finds it and resumes
+    instead of paying again.
+    """
+
+    def load(self) -> dict[str, Any]: ...
+
+    def save(self, memory: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class DictMemory:
+    """In-process memory, for tests and one-off calls."""
+
+    value: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> dict[str, Any]:
+        return dict(self.value)
+
+    def save(self, memory: dict[str, Any]) -> None:
+        self.value = dict(memory)
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What a provider may use besides the job: resources scoped to the worker."""
+
+    fetch: Fetcher
+    max_image_pixels: int
+    memory: Memory = field(default_factory=DictMemory)
+    storage: Storage | None = None
+    sleep: Callable[[float], None] = time.sleep
+    canceled: Callable[[], bool] = lambda: False
+    # The provider account's global limits (worker/limits.py); None: unlimited.
+    limits: RowLimits | None = None
+
+
+class Provider(Protocol):
+    name: str
+    model: str
+
+    def estimate_cost(self, spec: JobSpec) -> float:
+        """USD this row will cost, for `validate` and `--max-cost`; 0 for free providers."""
+        ...
+
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+        """Advance one row by one short step (a submit, or one poll): its results, or
+        how long to wait before the next step. Raises a worker.errors.BgswapError."""
+        ...
+
+
+def run_to_completion(provider: Provider, job: Job, ctx: ProviderContext) -> ProviderResult:
+    """Step a row until it is done, sleeping between steps (tests, one-off calls: the
+    pipeline never sleeps, it re-queues the row instead)."""
+    while True:
+        outcome = provider.step(job, ctx)
+        if isinstance(outcome, ProviderResult):
+            return outcome
+        ctx.sleep(outcome.seconds)

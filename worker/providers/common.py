@@ -1,0 +1,93 @@
+"""What the paid providers share: sending with honest failure modes, error classification
+by rule tables, per-row memory updates, and references uploaded once.
+
+The distinction that protects the user's money is between a request that surely did
+not arrive (a connect error: safe to send again) and one whose outcome is unknown (a
+timeout or a dropped connection after sending, a 5xx, an unreadable 2xx: it may have
+been accepted and billed). The latter raises ``Ambiguous``; each provider resolves it
+its own way (Runware can ask about its client-chosen task id; fal cannot).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from worker.errors import BgswapError, Codes, ProviderUnavailable
+from worker.fetch import reference_scheme
+from worker.providers.base import Memory, ProviderContext
+
+
+class Ambiguous(ProviderUnavailable):
+    """The request may or may not have been accepted (and paid for)."""
+
+
+Rule = tuple[Callable[[str, int], bool], type[BgswapError], str]
+
+
+def classify_by_rules(
+    rules: Iterable[Rule], code: str, status: int, text: str, retry_after_s: float | None
+) -> BgswapError:
+    """First matching rule wins: a rule table keeps the priority visible in one place."""
+    for matches, kind, our_code in rules:
+        if matches(code, status):
+            return kind(our_code, text, retry_after_s=retry_after_s)
+    return ProviderUnavailable(Codes.PROVIDER_BAD_RESPONSE, text, retry_after_s=retry_after_s)
+
+
+def send(
+    http: httpx.Client, method: str, url: str, *, provider: str, **kwargs: Any
+) -> httpx.Response:
+    """One HTTP call; transport failures mapped by whether the request can have landed."""
+    try:
+        return http.request(method, url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # Nothing reached the provider: sending again is safe.
+        raise ProviderUnavailable(
+            Codes.PROVIDER_UNAVAILABLE, f"{provider}: cannot connect ({type(exc).__name__})"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise Ambiguous(Codes.PROVIDER_TIMEOUT, f"{provider} did not answer in time") from exc
+    except httpx.TransportError as exc:
+        raise Ambiguous(
+            Codes.PROVIDER_UNAVAILABLE, f"{provider}: connection failed ({type(exc).__name__})"
+        ) from exc
+
+
+def remember(memory: dict[str, Any], store: Memory, **values: Any) -> None:
+    """Update the row's memory and save it at once (before whatever it protects)."""
+    memory.update(values)
+    store.save(memory)
+
+
+def reference_for_provider(
+    ref: str,
+    field: str,
+    memory: dict[str, Any],
+    ctx: ProviderContext,
+    *,
+    upload: Callable[[bytes], str],
+    passthrough: frozenset[str] = frozenset({"http", "https"}),
+) -> str:
+    """A reference the provider can read itself: URLs as given; anything else (a local
+    file, s3://, ...) fetched and uploaded once, the upload remembered across attempts."""
+    if reference_scheme(ref) in passthrough:
+        return ref
+    uploads: dict[str, str] = memory.setdefault("uploads", {})
+    if ref not in uploads:
+        uploads[ref] = upload(ctx.fetch(ref, field))
+        ctx.memory.save(memory)
+    return uploads[ref]
+
+
+def image_info(data: bytes) -> tuple[str | None, int | None, int | None]:
+    """(Pillow format, width, height) of image bytes, or Nones: informative only."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format, img.width, img.height
+    except Exception:
+        return None, None, None

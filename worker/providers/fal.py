@@ -1,0 +1,479 @@
+"""fal.ai: the queue API of `fal-ai/ideogram/v3/replace-background`.
+
+Protocol: ../shared/reference/fal.md. Submit to the queue, keep the returned URLs (they
+use the owner/app form `fal-ai/ideogram/requests/{id}`, never the endpoint path), poll
+the status URL, read the result at once (large results live 6 minutes), download the
+images at once.
+
+Paying at most once. fal has no idempotency key, so the only protection is the
+request_id, saved in the row's memory the moment the submit answer is read:
+
+    memory has request_id ────────────────────────────────> poll (never submit again)
+    memory says "submitting" but no id ──> the last attempt died or got no answer
+                                           after sending: unknown -> fail the row
+                                           (`provider.submit_unknown`) unless
+                                           BGSWAP_FAL_RESUBMIT_UNKNOWN=1
+    otherwise: uploads (free) -> save "submitting" -> POST -> save request_id -> poll
+
+A connect error, a 429 or a 5xx answer carrying fal's own error type means nothing was
+queued (fal does not bill 5xx), so those are retried freely. What remains unavoidable is
+the window between fal accepting a submit and bgswap reading its answer: a timeout, a
+dropped connection, an unreadable 2xx or a gateway's 5xx page there leaves the outcome
+unknown. bgswap then refuses to guess (by default) and says so, rather than risk paying
+twice. (If fal itself ever answered a 5xx with its error type after queuing, that would
+be paid twice: fal documents 5xx as not billed, which is what this trusts.)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from worker.errors import (
+    BgswapError,
+    Codes,
+    ProviderAccountError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from worker.fetch import parse_retry_after
+from worker.imaging import decode_image, encode_image
+from worker.jobs import CONTENT_TYPES, EXTENSIONS, ColorPalette, Job, JobSpec
+from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
+from worker.providers.common import (
+    Ambiguous,
+    image_info,
+    reference_for_provider,
+    remember,
+    send,
+)
+from worker.providers.polling import next_wait, stop_if_canceled
+from worker.settings import Settings
+
+log = logging.getLogger("bgswap.fal")
+
+ENDPOINT = "fal-ai/ideogram/v3/replace-background"
+MODEL = ENDPOINT
+PRICE_PER_IMAGE = {"TURBO": 0.03, "BALANCED": 0.06, "QUALITY": 0.09}
+# Model error types (422 `detail[].type`) that keep their name in error.code.
+MODEL_ERROR_TYPES = frozenset(
+    {"image_too_small", "image_too_large", "image_load_error", "file_download_error"}
+)
+FORMATS = {"PNG": "PNG", "JPEG": "JPG", "WEBP": "WEBP"}
+
+
+@dataclass(frozen=True)
+class FalConfig:
+    queue_url: str
+    rest_url: str
+    timeout_s: float = 1200.0
+    http_timeout_s: float = 30.0
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 10.0
+    start_timeout_s: int | None = None
+    queue_priority: str | None = None
+    resubmit_unknown: bool = False
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> FalConfig:
+        return cls(
+            queue_url=s.fal_queue_url.rstrip("/"),
+            rest_url=s.fal_rest_url.rstrip("/"),
+            timeout_s=s.fal_timeout_s,
+            http_timeout_s=s.fal_http_timeout_s,
+            poll_initial_s=s.fal_poll_initial_s,
+            poll_max_s=s.fal_poll_max_s,
+            start_timeout_s=s.fal_start_timeout_s,
+            queue_priority=s.fal_queue_priority,
+            resubmit_unknown=s.fal_resubmit_unknown,
+        )
+
+
+# -- option mapping (pure) ---------------------------------------------------------
+
+
+def palette_body(palette: ColorPalette) -> dict[str, Any]:
+    if palette.name is not None:
+        return {"name": palette.name}
+    members = []
+    for member in palette.members or ():
+        r, g, b = member.rgb
+        entry: dict[str, Any] = {"rgb": {"r": r, "g": g, "b": b}}
+        if member.weight is not None:
+            entry["color_weight"] = member.weight
+        members.append(entry)
+    return {"members": members}
+
+
+def fal_input(spec: JobSpec, *, image_url: str, image_urls: list[str] | None) -> dict[str, Any]:
+    """The model input for one row (the queue takes it as the body, no envelope)."""
+    body: dict[str, Any] = {
+        "prompt": spec.prompt,
+        "image_url": image_url,
+        "num_images": spec.num_results,
+    }
+    if spec.rendering_speed:
+        body["rendering_speed"] = spec.rendering_speed
+    if spec.magic_prompt:
+        body["expand_prompt"] = spec.magic_prompt != "OFF"
+    if spec.style_type:
+        body["style"] = spec.style_type
+    if spec.style_code:
+        body["style_codes"] = [spec.style_code.upper()]
+    if spec.style_preset:
+        body["style_preset"] = spec.style_preset
+    if image_urls:
+        body["image_urls"] = image_urls
+    if spec.color_palette is not None:
+        body["color_palette"] = palette_body(spec.color_palette)
+    if spec.seed is not None:
+        body["seed"] = spec.seed
+    return body
+
+
+def estimate_cost(spec: JobSpec) -> float:
+    return PRICE_PER_IMAGE[spec.rendering_speed or "BALANCED"] * spec.num_results
+
+
+def submit_headers(cfg: FalConfig) -> dict[str, str]:
+    headers = {}
+    if cfg.start_timeout_s is not None:
+        headers["X-Fal-Request-Timeout"] = str(cfg.start_timeout_s)
+    if cfg.queue_priority:
+        headers["X-Fal-Queue-Priority"] = cfg.queue_priority
+    return headers
+
+
+# -- errors (pure) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FalError:
+    """What an error answer says: status, the model's detail type or the infra error type."""
+
+    status: int
+    detail_type: str | None
+    error_type: str | None
+    message: str
+    retry_after_s: float | None = None
+    user_timeout: bool = False
+    retryable_header: bool | None = None
+
+
+def read_error(response: httpx.Response) -> FalError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    detail = body.get("detail") if isinstance(body, dict) else None
+    detail_type, message = None, ""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        detail_type = str(detail[0].get("type") or "") or None
+        message = str(detail[0].get("msg") or "")
+    elif isinstance(detail, str):
+        message = detail
+    headers = response.headers
+    retryable = headers.get("x-fal-retryable")
+    return FalError(
+        status=response.status_code,
+        detail_type=detail_type,
+        error_type=headers.get("x-fal-error-type")
+        or (body.get("error_type") if isinstance(body, dict) else None),
+        message=message[:300],
+        retry_after_s=parse_retry_after(headers.get("retry-after")),
+        user_timeout=headers.get("x-fal-request-timeout-type") == "user",
+        retryable_header=None if retryable is None else retryable.lower() == "true",
+    )
+
+
+def _code_for_type(detail_type: str) -> str:
+    if detail_type == "content_policy_violation":
+        return Codes.PROVIDER_CONTENT_POLICY
+    if detail_type in MODEL_ERROR_TYPES:
+        return f"provider.{detail_type}"
+    return Codes.PROVIDER_INVALID_REQUEST
+
+
+def classify(err: FalError) -> BgswapError:
+    """Map a fal error answer onto the error tree (branching on types, never on msg)."""
+    kind = err.detail_type or err.error_type or f"http{err.status}"
+    text = f"fal {kind} (HTTP {err.status}): {err.message}".rstrip(": ")
+    if err.status == 401:
+        return ProviderAccountError(Codes.PROVIDER_AUTH, text)
+    if err.status == 403:
+        credit = re.search(r"balance|locked|credit", err.message, re.IGNORECASE)
+        return ProviderAccountError(Codes.PROVIDER_CREDITS if credit else Codes.PROVIDER_AUTH, text)
+    if err.user_timeout:
+        # The start deadline we set ourselves expired: retrying would just wait again.
+        return ProviderRejected(Codes.PROVIDER_REQUEST_TIMEOUT, text)
+    if err.detail_type:
+        return ProviderRejected(_code_for_type(err.detail_type), text)
+    retryable = err.status in (408, 409, 429) or err.status >= 500
+    if err.retryable_header is not None:
+        retryable = err.retryable_header
+    if not retryable:
+        return ProviderRejected(Codes.PROVIDER_INVALID_REQUEST, text)
+    code = Codes.PROVIDER_RATE_LIMITED if err.status == 429 else Codes.PROVIDER_UNAVAILABLE
+    return ProviderUnavailable(code, text, retry_after_s=err.retry_after_s)
+
+
+class RequestFailed(ProviderUnavailable):
+    """The queued request completed with a retryable failure (a runner died...): it was
+    not billed (5xx), and the next attempt submits a new request."""
+
+
+# -- the provider ----------------------------------------------------------------------
+
+
+class FalProvider:
+    name = "fal"
+    model = MODEL
+
+    def __init__(self, settings: Settings, http: httpx.Client | None = None) -> None:
+        self.cfg = FalConfig.from_settings(settings)
+        self._key = settings.fal_key
+        self.http = http or httpx.Client(timeout=self.cfg.http_timeout_s, trust_env=False)
+
+    def estimate_cost(self, spec: JobSpec) -> float:
+        return estimate_cost(spec)
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        if self._key is None:
+            raise ProviderAccountError(Codes.PROVIDER_AUTH, "FAL_KEY is not set on this worker")
+        # The key lives only in this header; never in messages, logs or Redis.
+        return {"Authorization": f"Key {self._key.get_secret_value()}"}
+
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+        """Submit (once) or poll (once); then the results, or how long to wait."""
+        memory = ctx.memory.load()
+        try:
+            if "request_id" not in memory:
+                self._submit(job, memory, ctx)
+            else:
+                stop_if_canceled(ctx, f"fal request {memory['request_id']}")
+                if self._poll(memory, ctx):
+                    return self._outputs(job, memory["request_id"], self._result(memory), ctx)
+        except RequestFailed:
+            ctx.memory.save({"uploads": memory.get("uploads", {})})
+            raise
+        return next_wait(
+            memory, ctx.memory, ctx,
+            initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
+            timeout_s=self.cfg.timeout_s, what=f"fal request {memory['request_id']}",
+        )  # fmt: skip
+
+    def cancel(self, memory: dict[str, Any]) -> bool:
+        """Ask fal to cancel a row's in-flight request; True when it accepted."""
+        url = memory.get("cancel_url")
+        if not url:
+            return False
+        response = send(self.http, "PUT", url, provider="fal", headers=self._auth)
+        return response.status_code == 202
+
+    # submission ------------------------------------------------------------------------
+
+    def _submit(self, job: Job, memory: dict[str, Any], ctx: ProviderContext) -> None:
+        auth = self._auth  # no key: fail (and halt) before anything else
+        if memory.get("submitting") and not self.cfg.resubmit_unknown:
+            raise _unknown("an earlier attempt stopped after sending its submit")
+        spec = job.spec
+        body = fal_input(
+            spec,
+            image_url=self._reference(spec.image, "image", memory, ctx),
+            image_urls=[
+                self._reference(ref, f"style_reference_images[{n}]", memory, ctx)
+                for n, ref in enumerate(spec.style_reference_images or ())
+            ]
+            or None,
+        )
+        if ctx.limits is not None:
+            ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        remember(memory, ctx.memory, submitting=True)
+        try:
+            response = send(
+                self.http, "POST", f"{self.cfg.queue_url}/{ENDPOINT}", provider="fal",
+                json=body, headers={**auth, **submit_headers(self.cfg)},
+            )  # fmt: skip
+        except Ambiguous as err:
+            raise self._after_unknown(err, memory, ctx) from err
+        except ProviderUnavailable:
+            remember(memory, ctx.memory, submitting=False)  # a connect error: never sent
+            raise
+        if response.status_code == 429 and ctx.limits is not None:
+            ctx.limits.slow_down()  # fal says too fast: every worker slows down
+        ids = self._read_submit(response, memory, ctx)
+        remember(memory, ctx.memory, submitting=False, **ids)
+        log.info("row %s: fal request %s queued", job.job_id, ids["request_id"])
+
+    def _read_submit(
+        self, response: httpx.Response, memory: dict[str, Any], ctx: ProviderContext
+    ) -> dict[str, Any]:
+        if response.status_code >= 300:
+            error = read_error(response)
+            if error.status >= 500 and not error.error_type and not error.detail_type:
+                # A gateway's page, not fal's own error: the request may be queued behind it.
+                unknown = Ambiguous(
+                    Codes.PROVIDER_UNAVAILABLE, f"HTTP {error.status} from a gateway"
+                )
+                raise self._after_unknown(unknown, memory, ctx)
+            # fal's own error answer: nothing was queued (and fal does not bill 5xx).
+            remember(memory, ctx.memory, submitting=False)
+            raise classify(error)
+        try:
+            answer = response.json()
+            return {
+                "request_id": str(answer["request_id"]),
+                "status_url": str(answer["status_url"]),
+                "response_url": str(answer["response_url"]),
+                "cancel_url": str(answer.get("cancel_url") or ""),
+                "queue_position": answer.get("queue_position"),
+                "state": "IN_QUEUE",
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            unknown = Ambiguous(Codes.PROVIDER_BAD_RESPONSE, "fal's submit answer was unreadable")
+            raise self._after_unknown(unknown, memory, ctx) from exc
+
+    def _after_unknown(
+        self, err: Ambiguous, memory: dict[str, Any], ctx: ProviderContext
+    ) -> BgswapError:
+        if self.cfg.resubmit_unknown:
+            return err  # retried: the operator accepted the risk of paying twice
+        return _unknown(err.message)
+
+    def _reference(
+        self, ref: str, field_name: str, memory: dict[str, Any], ctx: ProviderContext
+    ) -> str:
+        """Public URLs as given; local files, s3:// objects and data URIs go to fal storage."""
+        return reference_for_provider(ref, field_name, memory, ctx, upload=self._upload)
+
+    def _upload(self, data: bytes) -> str:
+        fmt = image_info(data)[0] or "PNG"
+        mime = Image.MIME.get(fmt, "application/octet-stream")
+        initiate = f"{self.cfg.rest_url}/storage/upload/initiate?storage_type=fal-cdn-v3"
+        try:
+            response = send(
+                self.http, "POST", initiate, provider="fal", headers=self._auth,
+                json={"file_name": f"input.{fmt.lower()}", "content_type": mime},
+            )  # fmt: skip
+            if response.status_code >= 300:
+                raise classify(read_error(response))
+            answer = response.json()
+            put = send(
+                self.http, "PUT", str(answer["upload_url"]), provider="fal storage",
+                content=data, headers={"Content-Type": mime},
+            )  # fmt: skip
+        except Ambiguous as err:
+            # Uploads are free: one that did land costs nothing to repeat.
+            raise ProviderUnavailable(err.code, err.message) from err
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProviderUnavailable(
+                Codes.PROVIDER_BAD_RESPONSE, "fal storage answer was unreadable"
+            ) from exc
+        if put.status_code >= 300:
+            raise ProviderUnavailable(
+                Codes.PROVIDER_UNAVAILABLE,
+                f"fal storage refused the upload (HTTP {put.status_code})",
+            )
+        return str(answer["file_url"])
+
+    # waiting and results ---------------------------------------------------------------
+
+    def _poll(self, memory: dict[str, Any], ctx: ProviderContext) -> bool | None:
+        """True once COMPLETED; None while queued or running (or on a free-to-retry error)."""
+        if ctx.limits is not None:
+            ctx.limits.keep()  # still in flight: keep the slot's lease alive
+        try:
+            response = send(self.http, "GET", memory["status_url"], provider="fal",
+                            params={"logs": "1"}, headers=self._auth)  # fmt: skip
+        except ProviderUnavailable as err:
+            log.info("poll of %s: %s", memory["request_id"], err.code)
+            return None
+        if response.status_code == 404:
+            raise ProviderRejected(
+                Codes.PROVIDER_TASK_NOT_FOUND, f"fal does not know request {memory['request_id']}"
+            )
+        if response.status_code >= 300:
+            error = classify(read_error(response))
+            if error.retryable:
+                return None  # polls are free: wait for the next one
+            raise error
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        if answer.get("status") == "COMPLETED":
+            return True
+        position = answer.get("queue_position")
+        if position != memory.get("queue_position"):
+            # Shown by `bgswap status` (queue waits); saved only when it changes.
+            remember(memory, ctx.memory, queue_position=position, state=answer.get("status"))
+        return None
+
+    def _result(self, memory: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = send(self.http, "GET", memory["response_url"], provider="fal",
+                            headers=self._auth)  # fmt: skip
+        except Ambiguous as err:
+            raise ProviderUnavailable(err.code, err.message) from err  # reads are free
+        if response.status_code == 404:
+            raise ProviderRejected(
+                Codes.PROVIDER_RESULT_EXPIRED,
+                f"fal request {memory['request_id']} completed but its result is gone "
+                "(results of 10 KB or more expire after 6 minutes); `bgswap retry` re-submits",
+            )
+        if response.status_code >= 300:
+            error = classify(read_error(response))
+            if error.retryable:
+                raise RequestFailed(Codes.PROVIDER_GENERATION_FAILED, error.message) from error
+            raise error
+        try:
+            result = response.json()
+        except ValueError as exc:
+            raise ProviderUnavailable(
+                Codes.PROVIDER_BAD_RESPONSE, "fal result was not JSON"
+            ) from exc
+        if not isinstance(result, dict) or not isinstance(result.get("images"), list):
+            raise ProviderUnavailable(Codes.PROVIDER_BAD_RESPONSE, "fal result without images")
+        return result
+
+    def _outputs(
+        self, job: Job, request_id: str, result: dict[str, Any], ctx: ProviderContext
+    ) -> ProviderResult:
+        seed = result.get("seed") if isinstance(result.get("seed"), int) else None
+        outputs = [
+            self._output(job.spec, image, n, seed, ctx)
+            for n, image in enumerate(result["images"], start=1)
+            if isinstance(image, dict) and image.get("url")
+        ]
+        if not outputs:
+            raise ProviderUnavailable(Codes.PROVIDER_BAD_RESPONSE, "fal result without images")
+        speed = job.spec.rendering_speed or "BALANCED"
+        cost = round(PRICE_PER_IMAGE[speed] * len(outputs), 6)
+        return ProviderResult(outputs=outputs, cost_usd=cost, provider_task_id=request_id)
+
+    def _output(
+        self, spec: JobSpec, image: dict[str, Any], n: int, seed: int | None, ctx: ProviderContext
+    ) -> OutputImage:
+        data = ctx.fetch(str(image["url"]), f"result {n}")
+        fmt, width, height = image_info(data)
+        wanted = spec.output_format
+        if wanted and FORMATS.get(fmt or "") != wanted:
+            # fal picks its own format; the row asked for another: convert here.
+            decoded = decode_image(data, ctx.max_image_pixels)
+            data = encode_image(decoded, wanted, spec.output_quality or 95)
+        final = wanted or FORMATS.get(fmt or "", "PNG")
+        return OutputImage(data, CONTENT_TYPES[final], EXTENSIONS[final], width, height, seed)
+
+
+def _unknown(why: str) -> ProviderRejected:
+    return ProviderRejected(
+        Codes.PROVIDER_SUBMIT_UNKNOWN,
+        f"fal may have accepted this row's request ({why}); it was not sent again, so that "
+        "it is never paid twice: `bgswap retry BATCH` re-submits it",
+    )

@@ -1,0 +1,583 @@
+"""Runware: `imageInference` with model `ideogram:4@5` (Ideogram 3.0 Replace Background).
+
+Protocol: ../shared/reference/runware.md. One POST endpoint takes a JSON array of tasks
+with `Authorization: Bearer KEY`; answers carry `data` and/or `errors`.
+
+How a row is paid for at most once (the taskUUID is the idempotency key):
+
+    load memory ─ task_uuid? ──no──> new uuid4, SAVE, submit ──ack──────────> poll
+                       │                         │ conflictTaskUUID ─────────> poll
+                       │                         │ 5xx / drop / timeout / junk:
+                       │                         └─ getResponse knows it? yes > poll
+                       │                                                  no > retry later
+                       └─yes─ accepted? ─yes────────────────────────────────> poll
+                                  └─no── getResponse knows it? ─yes───────> poll
+                                                 └─no── submit again (same uuid)
+
+A re-submitted taskUUID that Runware already accepted is refused with
+`conflictTaskUUID` and not billed, so re-submitting the same uuid is always safe.
+Polling `getResponse` is free. Auth and credit errors raise ProviderAccountError:
+the pipeline stops Runware for the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from worker.errors import (
+    BgswapError,
+    Codes,
+    ProviderAccountError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from worker.fetch import parse_retry_after, reference_scheme
+from worker.jobs import CONTENT_TYPES, EXTENSIONS, Job, JobSpec
+from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
+from worker.providers.common import (
+    Ambiguous,
+    Rule,
+    classify_by_rules,
+    image_info,
+    reference_for_provider,
+    send,
+)
+from worker.providers.polling import next_wait, stop_if_canceled
+from worker.settings import Settings
+from worker.storage import StoredObject, output_destination
+
+log = logging.getLogger("bgswap.runware")
+
+MODEL = "ideogram:4@5"
+SPEEDS = {"TURBO": "TURBO", "BALANCED": "DEFAULT", "QUALITY": "QUALITY"}
+# USD per image for the estimate; the real cost comes back with includeCost. The seed
+# page shows 0.06 (default speed) and 0.09 (QUALITY); TURBO's 0.03 is fal's price.
+PRICE_PER_IMAGE = {"TURBO": 0.03, "DEFAULT": 0.06, "QUALITY": 0.09}
+
+AUTH_CODES = frozenset({"missingApiKey", "unauthorized", "forbidden", "invalidApiKey"})
+CREDIT_CODES = frozenset(
+    {"insufficientCredits", "providerInsufficientCredits", "quotaExceeded", "paymentRequired"}
+)
+RATE_CODES = frozenset(
+    {"rateLimitExceeded", "inferenceRateLimitExceeded", "providerRateLimitExceeded"}
+)
+POLICY_CODES = frozenset({"contentPolicyViolation", "nsfwContentDetected"})
+TRANSIENT_CODES = frozenset(
+    {"timeoutProvider", "noAvailableServer", "modelUnavailable", "inferenceError"}
+)
+CONFLICT = "conflictTaskUUID"
+SYNC_WAIT_S = 60.0
+NOT_FOUND = "taskFailedOrNotFound"
+
+
+@dataclass(frozen=True)
+class RunwareConfig:
+    api_url: str
+    delivery: str = "async"
+    output_type: str = "URL"
+    ttl_s: int | None = None
+    check_content: bool = False
+    webhook_url: str | None = None
+    direct_upload: bool = False
+    timeout_s: float = 1200.0
+    request_timeout_s: float = 30.0
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RunwareConfig:
+        return cls(
+            api_url=s.runware_api_url,
+            delivery=s.runware_delivery,
+            output_type=s.runware_output_type,
+            ttl_s=s.runware_ttl_s,
+            check_content=s.runware_check_content,
+            webhook_url=s.runware_webhook_url,
+            direct_upload=s.runware_direct_upload,
+            timeout_s=s.runware_timeout_s,
+            request_timeout_s=s.runware_request_timeout_s,
+            poll_initial_s=s.runware_poll_initial_s,
+            poll_max_s=s.runware_poll_max_s,
+        )
+
+
+# -- option mapping (pure) ---------------------------------------------------------
+
+
+def output_format(spec: JobSpec) -> str:
+    return spec.output_format or "JPG"
+
+
+def ideogram_settings(spec: JobSpec, style_references: list[str] | None) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if spec.rendering_speed:
+        settings["renderingSpeed"] = SPEEDS[spec.rendering_speed]
+    if spec.magic_prompt:
+        settings["magicPrompt"] = spec.magic_prompt
+    if spec.style_type:
+        settings["styleType"] = spec.style_type
+    if spec.style_preset:
+        settings["stylePreset"] = spec.style_preset
+    if spec.style_code:
+        settings["styleCode"] = spec.style_code.upper()
+    if style_references:
+        settings["styleReferenceImages"] = style_references
+    return settings
+
+
+def inference_task(
+    spec: JobSpec,
+    *,
+    task_uuid: str,
+    seed_image: str,
+    style_references: list[str] | None,
+    cfg: RunwareConfig,
+    upload_endpoint: str | None = None,
+) -> dict[str, Any]:
+    """The imageInference task for one row. Nothing 4@5 rejects is ever sent:
+    no width, height, seed, negativePrompt or top-level seedImage."""
+    task: dict[str, Any] = {
+        "taskType": "imageInference",
+        "taskUUID": task_uuid,
+        "model": MODEL,
+        "positivePrompt": spec.prompt,
+        "inputs": {"seedImage": seed_image},
+        "outputType": cfg.output_type,
+        "outputFormat": output_format(spec),
+        "numberResults": spec.num_results,
+        "includeCost": True,
+        "deliveryMethod": cfg.delivery,
+    }
+    ideogram = ideogram_settings(spec, style_references)
+    if ideogram:
+        task["providerSettings"] = {"ideogram": ideogram}
+    if spec.output_quality is not None:
+        task["outputQuality"] = spec.output_quality
+    if cfg.ttl_s is not None and cfg.output_type == "URL":
+        task["ttl"] = cfg.ttl_s
+    if cfg.check_content:
+        task["safety"] = {"checkContent": True}
+    if cfg.webhook_url:
+        task["webhookURL"] = cfg.webhook_url
+    if upload_endpoint:
+        task["uploadEndpoint"] = upload_endpoint
+    return task
+
+
+def estimate_cost(spec: JobSpec) -> float:
+    speed = SPEEDS[spec.rendering_speed or "BALANCED"]
+    return PRICE_PER_IMAGE[speed] * spec.num_results
+
+
+# -- answers and errors (pure) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    data: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+
+
+def _as_items(value: object) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, dict)]
+    return []
+
+
+def parse_payload(body: object) -> Payload:
+    """Liberal: `{data, errors}`, `{error}`, a bare list or a bare object."""
+    if isinstance(body, list):
+        items = _as_items(body)
+        return Payload(
+            data=[i for i in items if "code" not in i], errors=[i for i in items if "code" in i]
+        )
+    if not isinstance(body, dict):
+        raise ValueError("neither a JSON object nor an array")
+    if "data" in body or "errors" in body or "error" in body:
+        errors = _as_items(body.get("errors")) + _as_items(body.get("error"))
+        return Payload(data=_as_items(body.get("data")), errors=errors)
+    return Payload(data=[body], errors=[])
+
+
+def describe(error: Mapping[str, Any]) -> str:
+    code = error.get("code", "error")
+    message = str(error.get("message", "")).strip()
+    parameter = error.get("parameter")
+    where = f" ({parameter})" if parameter else ""
+    return f"{code}{where}: {message}"[:500] if message else f"{code}{where}"
+
+
+# First match wins: the order encodes priority (an auth code beats its 400 status).
+RULES: tuple[Rule, ...] = (
+    (lambda c, s: c in AUTH_CODES or s in (401, 403), ProviderAccountError, Codes.PROVIDER_AUTH),
+    (lambda c, s: c in CREDIT_CODES or s == 402, ProviderAccountError, Codes.PROVIDER_CREDITS),
+    (
+        lambda c, s: c in RATE_CODES or s in (408, 429),
+        ProviderUnavailable,
+        Codes.PROVIDER_RATE_LIMITED,
+    ),
+    (lambda c, s: c in POLICY_CODES, ProviderRejected, Codes.PROVIDER_CONTENT_POLICY),
+    (
+        lambda c, s: c in TRANSIENT_CODES or s >= 500,
+        ProviderUnavailable,
+        Codes.PROVIDER_UNAVAILABLE,
+    ),
+    (lambda c, s: c == NOT_FOUND, ProviderRejected, Codes.PROVIDER_TASK_NOT_FOUND),
+    (lambda c, s: s >= 400 or bool(c), ProviderRejected, Codes.PROVIDER_INVALID_REQUEST),
+)
+
+
+def classify(status: int, error: Mapping[str, Any], retry_after_s: float | None) -> BgswapError:
+    """Map one Runware error (and the HTTP status it came with) onto the error tree."""
+    code = str(error.get("code", ""))
+    return classify_by_rules(RULES, code, status, f"Runware {describe(error)}", retry_after_s)
+
+
+@dataclass
+class Progress:
+    """The cumulative state of one task, merged over polls."""
+
+    successes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def merge(self, payload: Payload, task_uuid: str) -> None:
+        errors = [e for e in payload.errors if e.get("taskUUID") in (None, task_uuid)]
+        for item in payload.data:
+            if item.get("taskUUID") not in (None, task_uuid):
+                continue
+            status = item.get("status", "success" if "imageUUID" in item else None)
+            if status == "success" and item.get("imageUUID"):
+                self.successes[str(item["imageUUID"])] = item
+            elif status == "error":
+                errors.append({**item.get("error", {}), "taskUUID": task_uuid})
+        # Each answer is cumulative: its errors replace the previous answer's.
+        self.errors = errors
+
+    def done(self, expected: int) -> bool:
+        return len(self.successes) + len(self.errors) >= expected
+
+
+# -- HTTP ----------------------------------------------------------------------------
+
+
+class RunwareClient:
+    """POSTs task arrays; maps transport trouble and error answers onto the error tree."""
+
+    def __init__(self, cfg: RunwareConfig, api_key: str, http: httpx.Client | None = None) -> None:
+        self.cfg = cfg
+        self.http = http or httpx.Client(timeout=cfg.request_timeout_s, trust_env=False)
+        # The key lives only in this header; never in messages, logs or Redis.
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    def post(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Payload:
+        response = send(
+            self.http,
+            "POST",
+            self.cfg.api_url,
+            provider="Runware",
+            json=tasks,
+            headers=self._headers,
+            timeout=timeout_s or self.cfg.request_timeout_s,
+        )
+        return self._answer(response)
+
+    def _answer(self, response: httpx.Response) -> Payload:
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        try:
+            payload = parse_payload(response.json())
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            if 400 <= status < 500:  # an HTML error page: the status says enough
+                raise classify(status, {"code": f"http{status}"}, retry_after) from exc
+            # A 2xx or 5xx we cannot read may have been accepted.
+            raise Ambiguous(
+                Codes.PROVIDER_BAD_RESPONSE, f"Runware answered HTTP {status} without valid JSON"
+            ) from exc
+        if status >= 400 and not payload.errors:
+            payload = Payload(payload.data, [{"code": f"http{status}"}])
+        # At 200, errors marked `status: error` are failed generations (task outcomes, for
+        # Progress to count); unmarked ones mean the request itself was refused.
+        refused = [e for e in payload.errors if e.get("status") != "error"]
+        if status >= 400 or (refused and not payload.data):
+            first = (refused or payload.errors)[0]
+            error = classify(status, first, retry_after)
+            if status >= 500:
+                raise Ambiguous(error.code, error.message, retry_after_s=error.retry_after_s)
+            if first.get("code") == CONFLICT:
+                raise Conflict(first)
+            raise error
+        return payload
+
+
+class Conflict(Exception):
+    """conflictTaskUUID: Runware already has this task (accepted by an earlier attempt)."""
+
+
+# -- the provider ----------------------------------------------------------------------
+
+
+class RunwareProvider:
+    name = "runware"
+    model = MODEL
+
+    def __init__(self, settings: Settings, http: httpx.Client | None = None) -> None:
+        self.cfg = RunwareConfig.from_settings(settings)
+        self._key = settings.runware_api_key
+        self._http = http
+        self._client: RunwareClient | None = None
+
+    @property
+    def client(self) -> RunwareClient:
+        # Built on first use: a producer estimating costs needs no key, a worker does.
+        if self._client is None:
+            if self._key is None:
+                raise ProviderAccountError(
+                    Codes.PROVIDER_AUTH, "RUNWARE_API_KEY is not set on this worker"
+                )
+            self._client = RunwareClient(self.cfg, self._key.get_secret_value(), self._http)
+        return self._client
+
+    def estimate_cost(self, spec: JobSpec) -> float:
+        return estimate_cost(spec)
+
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+        try:
+            return self._step(job, ctx)
+        except GenerationFailed:
+            # That task is spent; the retry submits a new one (the uploads stay valid).
+            memory = ctx.memory.load()
+            ctx.memory.save({"uploads": memory.get("uploads", {})})
+            raise
+
+    def _step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+        """Submit (once) or poll (once); then the results, or how long to wait."""
+        self.client  # noqa: B018 - fails fast (and halts the batch) without a key
+        memory = ctx.memory.load()
+        if "task_uuid" not in memory:
+            memory["task_uuid"] = str(uuid.uuid4())
+            ctx.memory.save(memory)  # before anything is paid
+        task_uuid = memory["task_uuid"]
+        direct = self._direct_destination(job, ctx)
+        if memory.get("accepted"):
+            stop_if_canceled(ctx, f"Runware task {task_uuid}")
+            progress = self._poll(task_uuid)
+        else:
+            progress = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
+        if progress is not None and progress.done(job.spec.num_results):
+            return self._result(job, task_uuid, progress, direct, ctx)
+        if ctx.limits is not None:
+            ctx.limits.keep()  # still in flight: keep the slot's lease alive
+        return next_wait(
+            memory, ctx.memory, ctx,
+            initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
+            timeout_s=self.cfg.timeout_s, what=f"Runware task {task_uuid}",
+        )  # fmt: skip
+
+    def _task(
+        self, job: Job, task_uuid: str, direct: str | None, memory: dict[str, Any],
+        ctx: ProviderContext,
+    ) -> dict[str, Any]:  # fmt: skip
+        return inference_task(
+            job.spec,
+            task_uuid=task_uuid,
+            seed_image=self._reference(job.spec.image, "image", memory, ctx),
+            style_references=[
+                self._reference(ref, f"style_reference_images[{n}]", memory, ctx)
+                for n, ref in enumerate(job.spec.style_reference_images or ())
+            ]
+            or None,
+            cfg=self.cfg,
+            upload_endpoint=ctx.storage.presign_put(direct, None)
+            if direct and ctx.storage
+            else None,
+        )
+
+    # submission ---------------------------------------------------------------
+
+    def _submit(
+        self, task: dict[str, Any], memory: dict[str, Any], ctx: ProviderContext
+    ) -> Progress:
+        task_uuid = task["taskUUID"]
+        if memory.get("accepted"):
+            return Progress()
+        if memory.get("attempted") and self._known(task_uuid) is not None:
+            return self._accepted(memory, ctx, Progress())
+        if ctx.limits is not None:
+            ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        memory["attempted"] = True
+        ctx.memory.save(memory)
+        # A sync answer is waited for up to a minute; a longer generation times out
+        # into the ambiguous path, which finds the task and polls it like an async one.
+        timeout = min(self.cfg.timeout_s, SYNC_WAIT_S) if self.cfg.delivery == "sync" else None
+        try:
+            payload = self.client.post([task], timeout_s=timeout)
+        except ProviderUnavailable as err:
+            if err.code == Codes.PROVIDER_RATE_LIMITED and ctx.limits is not None:
+                ctx.limits.slow_down()  # Runware says too fast: every worker slows down
+            if not isinstance(err, Ambiguous):
+                raise
+            return self._resolve(task_uuid, memory, ctx, err)
+        except Conflict:
+            log.info("task %s was already accepted: polling it", task_uuid)
+            return self._accepted(memory, ctx, Progress())
+        progress = Progress()
+        progress.merge(payload, task_uuid)
+        return self._accepted(memory, ctx, progress)
+
+    def _resolve(
+        self, task_uuid: str, memory: dict[str, Any], ctx: ProviderContext, err: Ambiguous
+    ) -> Progress:
+        """Maybe accepted, maybe not: ask before anything is sent again."""
+        known = self._known(task_uuid)
+        if known is None:
+            raise err
+        return self._accepted(memory, ctx, known)
+
+    def _accepted(
+        self, memory: dict[str, Any], ctx: ProviderContext, progress: Progress
+    ) -> Progress:
+        memory["accepted"] = True
+        ctx.memory.save(memory)
+        return progress
+
+    def _known(self, task_uuid: str) -> Progress | None:
+        """The task's state if Runware has it, None if it does not (never accepted)."""
+        try:
+            payload = self.client.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
+        except ProviderRejected as err:
+            if err.code == Codes.PROVIDER_TASK_NOT_FOUND:
+                return None
+            raise
+        progress = Progress()
+        progress.merge(payload, task_uuid)
+        return progress
+
+    # waiting -------------------------------------------------------------------
+
+    def _poll(self, task_uuid: str) -> Progress | None:
+        """One getResponse; None when the poll itself failed (polls are free: a 429, 5xx
+        or timeout while polling just waits for the next one)."""
+        try:
+            payload = self.client.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
+        except ProviderUnavailable as err:
+            log.info("poll of %s: %s", task_uuid, err.code)
+            return None
+        progress = Progress()
+        progress.merge(payload, task_uuid)
+        return progress
+
+    # inputs and outputs -----------------------------------------------------------
+
+    def _reference(
+        self, ref: str, field_name: str, memory: dict[str, Any], ctx: ProviderContext
+    ) -> str:
+        """Public URLs and data URIs go as they are; local files and s3:// objects are
+        uploaded once (imageUpload) and referred to by their imageUUID."""
+        return reference_for_provider(
+            ref,
+            field_name,
+            memory,
+            ctx,
+            upload=self._upload,
+            passthrough=frozenset({"http", "https", "data"}),
+        )
+
+    def _upload(self, data: bytes) -> str:
+        mime = Image.MIME.get(image_info(data)[0] or "", "image/png")
+        image = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        task = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": image}
+        try:
+            payload = self.client.post([task])
+        except Ambiguous as err:
+            # Uploads are free: retrying one that did land costs nothing.
+            raise ProviderUnavailable(
+                err.code, err.message, retry_after_s=err.retry_after_s
+            ) from err
+        for item in payload.data:
+            if item.get("imageUUID"):
+                return str(item["imageUUID"])
+        raise ProviderUnavailable(
+            Codes.PROVIDER_BAD_RESPONSE, "Runware imageUpload gave no imageUUID"
+        )
+
+    def _direct_destination(self, job: Job, ctx: ProviderContext) -> str | None:
+        """Where Runware may upload the result itself (one result, an s3:// destination:
+        only there can we check that the object really arrived)."""
+        if not (self.cfg.direct_upload and ctx.storage and job.spec.num_results == 1):
+            return None
+        dest = output_destination(job.dest, EXTENSIONS[output_format(job.spec)], 1, 1)
+        return dest if reference_scheme(dest) == "s3" else None
+
+    def _result(
+        self, job: Job, task_uuid: str, progress: Progress, direct: str | None, ctx: ProviderContext
+    ) -> ProviderResult:
+        if not progress.successes:
+            raise _generation_error(progress.errors, task_uuid)
+        if progress.errors:
+            log.warning("task %s: %d of %d results failed", task_uuid, len(progress.errors),
+                        job.spec.num_results)  # fmt: skip
+        fmt = output_format(job.spec)
+        items = list(progress.successes.values())
+        outputs = [self._output(item, fmt, direct, ctx) for item in items]
+        cost = sum(float(item.get("cost") or 0.0) for item in items)
+        return ProviderResult(outputs=outputs, cost_usd=round(cost, 6), provider_task_id=task_uuid)
+
+    def _output(
+        self, item: dict[str, Any], fmt: str, direct: str | None, ctx: ProviderContext
+    ) -> OutputImage:
+        content_type, ext = CONTENT_TYPES[fmt], EXTENSIONS[fmt]
+        seed = item.get("seed") if isinstance(item.get("seed"), int) else None
+        nsfw = item.get("NSFWContent") if isinstance(item.get("NSFWContent"), bool) else None
+        stored = self._verify_direct(direct, content_type, ctx) if direct else None
+        if stored is not None:
+            return OutputImage(b"", content_type, ext, None, None, seed, nsfw, stored)
+        data = self._download(item, ctx)
+        _, width, height = image_info(data)
+        return OutputImage(data, content_type, ext, width, height, seed, nsfw)
+
+    def _verify_direct(
+        self, dest: str, content_type: str, ctx: ProviderContext
+    ) -> StoredObject | None:
+        assert ctx.storage is not None
+        # Runware's upload may land just after the task reports success.
+        for delay in (0.0, 0.5, 1.5):
+            ctx.sleep(delay)
+            size = ctx.storage.head(dest)
+            if size:
+                key = dest.removeprefix("s3://").partition("/")[2]
+                return StoredObject(url=dest, key=key, content_type=content_type, bytes=size)
+        log.warning("Runware's upload to %s did not arrive: downloading instead", dest)
+        return None
+
+    def _download(self, item: dict[str, Any], ctx: ProviderContext) -> bytes:
+        if item.get("imageBase64Data"):
+            return base64.b64decode(item["imageBase64Data"])
+        if item.get("imageDataURI"):
+            return base64.b64decode(str(item["imageDataURI"]).partition(",")[2])
+        if item.get("imageURL"):
+            return ctx.fetch(str(item["imageURL"]), "result")
+        raise ProviderUnavailable(Codes.PROVIDER_BAD_RESPONSE, "Runware result without an image")
+
+
+def _generation_error(errors: Iterable[Mapping[str, Any]], task_uuid: str) -> BgswapError:
+    first = next(iter(errors), {"code": "taskFailed", "message": "no result"})
+    error = classify(0, first, None)
+    if isinstance(error, ProviderUnavailable):
+        # A failed generation is not billed; the next attempt needs a fresh task.
+        return GenerationFailed(Codes.PROVIDER_GENERATION_FAILED, error.message)
+    return error
+
+
+class GenerationFailed(ProviderUnavailable):
+    """A generation failed on Runware's side: retried as a new task (new taskUUID)."""

@@ -1,0 +1,157 @@
+"""The one settings object, built once at the edge from the environment.
+
+Names follow SPEC.md; anything bgswap adds is ``BGSWAP_*`` and listed in the README.
+An unknown ``BGSWAP_*`` variable is an error (a typo must not silently fall back to
+a default), and secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import UsageError
+from worker.ratelimit import parse_rate
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BGSWAP_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    broker_url: str | None = None
+    redis_url: str | None = None
+    output: str = "bgswap-output"
+
+    runware_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("RUNWARE_API_KEY")
+    )
+    fal_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("FAL_KEY"))
+    runware_api_url: str = Field(
+        default="https://api.runware.ai/v1", validation_alias=AliasChoices("RUNWARE_API_URL")
+    )
+    fal_queue_url: str = Field(
+        default="https://queue.fal.run", validation_alias=AliasChoices("FAL_QUEUE_URL")
+    )
+    fal_rest_url: str = Field(
+        default="https://rest.fal.ai", validation_alias=AliasChoices("FAL_REST_URL")
+    )
+
+    # Global limits per provider account, shared by every worker (worker/limits.py).
+    runware_rate: str | None = None
+    fal_rate: str | None = None
+    runware_max_in_flight: int | None = Field(default=100, ge=1)
+    fal_max_in_flight: int | None = Field(default=40, ge=1)
+
+    # Runware (worker/providers/runware.py; the README explains each).
+    runware_delivery: Literal["async", "sync"] = "async"
+    runware_output_type: Literal["URL", "base64Data", "dataURI"] = "URL"
+    runware_ttl_s: int | None = Field(default=None, ge=60)
+    runware_check_content: bool = False
+    runware_webhook_url: str | None = None
+    runware_direct_upload: bool = False
+    runware_timeout_s: float = Field(default=1200.0, gt=0)
+    runware_request_timeout_s: float = Field(default=30.0, gt=0)
+    runware_poll_initial_s: float = Field(default=1.0, gt=0)
+    runware_poll_max_s: float = Field(default=10.0, gt=0)
+
+    # fal (worker/providers/fal.py; the README explains each).
+    fal_timeout_s: float = Field(default=1200.0, gt=0)
+    fal_http_timeout_s: float = Field(default=30.0, gt=0)
+    fal_poll_initial_s: float = Field(default=1.0, gt=0)
+    fal_poll_max_s: float = Field(default=10.0, gt=0)
+    fal_start_timeout_s: int | None = Field(default=None, gt=0)
+    fal_queue_priority: Literal["normal", "low"] | None = None
+    fal_resubmit_unknown: bool = False
+
+    s3_endpoint_url: str | None = None
+    allow_private_urls: bool = False
+
+    # Source downloads: a cap so one bad URL cannot fill a worker's memory.
+    max_source_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    fetch_connect_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=30.0, gt=0)
+    fetch_total_timeout_s: float = Field(default=60.0, gt=0)
+    max_redirects: int = Field(default=5, ge=0)
+    # Pillow refuses images above this many pixels (decompression bombs).
+    max_image_pixels: int = Field(default=64_000_000, gt=0)
+
+    upload_timeout_s: float = Field(default=60.0, gt=0)
+    presign_expires_s: int = Field(default=900, ge=60, le=604_800)
+
+    max_attempts: int = Field(default=5, ge=1)
+    max_deliveries: int = Field(default=10, ge=1)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=60.0, gt=0)
+
+    # Threads per worker process. The only provider today (local) is CPU-bound, so
+    # one thread per core; measured on 2 cores, 8 threads were slower and twice the RSS.
+    worker_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    visibility_timeout_s: int = Field(default=150, ge=10)
+
+    @field_validator("runware_rate", "fal_rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value:
+            parse_rate(value)  # ValueError names the accepted forms
+        return value or None
+
+    @property
+    def row_grace_s(self) -> float:
+        """How long past its expected delivery a row may go unseen before the watchdog
+        re-enqueues it: after the broker's own restore of unacked messages had its turn."""
+        return self.visibility_timeout_s + 15.0
+
+    @property
+    def watchdog_interval_s(self) -> float:
+        return min(10.0, self.row_grace_s / 3)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or DEFAULT_BROKER_URL
+
+    @property
+    def effective_redis_url(self) -> str:
+        """Batch state lives in Redis: BGSWAP_REDIS_URL, else the broker when it is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        broker = self.effective_broker_url
+        scheme = urlsplit(broker).scheme
+        if scheme in ("redis", "rediss"):
+            return broker
+        if scheme == "redis+socket":
+            return "unix://" + broker.removeprefix("redis+socket://")
+        raise UsageError(
+            f"BGSWAP_REDIS_URL is required when the broker is not Redis ({scheme}://...)"
+        )
+
+    def provider_key(self, provider: str) -> SecretStr | None:
+        return {"runware": self.runware_api_key, "fal": self.fal_key}.get(provider)
+
+
+_KNOWN = {f"BGSWAP_{name.upper()}" for name in Settings.model_fields}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus overrides; unknown BGSWAP_* is an error."""
+    unknown = sorted(k for k in os.environ if k.startswith("BGSWAP_") and k not in _KNOWN)
+    if unknown:
+        raise UsageError(f"unknown setting(s): {', '.join(unknown)}")
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        raise UsageError(f"bad setting {name}: {err['msg']}") from None
+
+
+@cache
+def get_settings() -> Settings:
+    return load_settings()
