@@ -1,0 +1,186 @@
+"""Submitting a manifest as a batch: validate each row, record it, enqueue one job per row.
+
+Rows stream through: a chunk is recorded in Redis and then published, so workers
+start while the producer is still reading, and memory does not grow with the file.
+A rejected row is recorded as terminal (`failed`, with its error) so it still gets
+its line in the output manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from producer.manifest import RowDefaults, RowOutcome
+from producer.validation import KNOWN_COLUMNS
+from worker.errors import FieldError, UsageError
+from worker.jobs import Job, JobSpec, safe_id
+from worker.providers.base import Provider
+from worker.state import BatchStore
+
+CHUNK = 500
+
+Publish = Callable[[Sequence[tuple[str, str, int]]], None]
+"""Publish ``(job id, batch id, row index)`` messages."""
+Stage = Callable[[JobSpec, str], JobSpec]
+"""Make a row's local files reachable by remote workers; returns the updated spec."""
+
+
+def new_batch_id(now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def output_root(output: str) -> str:
+    """`s3://bucket/prefix` stays; a local directory becomes absolute (workers' cwd differs)."""
+    if output.startswith("s3://"):
+        return output.rstrip("/")
+    if "://" in output:
+        raise UsageError(f"--output must be s3://bucket/prefix or a local directory: {output}")
+    return str(Path(output).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    batch_id: str
+    output: str  # from output_root()
+    defaults: RowDefaults
+    # A queued row unseen for this long is re-enqueued by a worker's watchdog.
+    grace_s: float = 165.0
+
+
+@dataclass
+class SubmitReport:
+    batch_id: str
+    total: int = 0
+    valid: int = 0
+    rejected: int = 0
+    estimated_cost_usd: float = 0.0
+    complete: bool = False  # every row was already terminal when sealed
+    errors: list[FieldError] = field(default_factory=list)
+
+
+def row_destination(spec: JobSpec, root: str, batch_id: str) -> str:
+    return spec.output or f"{root}/{batch_id}/{safe_id(spec.id)}"
+
+
+def rejected_record(outcome: RowOutcome, defaults: RowDefaults) -> tuple[str, dict[str, Any]]:
+    """The job record and terminal result of a row that failed validation."""
+    raw = outcome.raw
+    record = {
+        "rejected": True,
+        "line": outcome.line,
+        "id": outcome.row_id,
+        "image": raw.get("image"),
+        "prompt": raw.get("prompt") or defaults.prompt,
+        "provider": raw.get("provider") or defaults.provider,
+        "meta": {k: v for k, v in raw.items() if k not in KNOWN_COLUMNS},
+    }
+    message = "; ".join(str(e) for e in outcome.errors)
+    result: dict[str, Any] = {
+        "status": "failed",
+        "provider": record["provider"],
+        "outputs": [],
+        "cost_usd": 0.0,
+        "error": {"code": outcome.errors[0].code, "message": message, "retryable": False},
+    }
+    return json.dumps(record), result
+
+
+def estimate(outcomes: Iterable[RowOutcome], providers: Callable[[str], Provider]) -> SubmitReport:
+    """Dry run: count valid/rejected rows, collect errors, sum the estimated cost."""
+    report = SubmitReport(batch_id="")
+    for outcome in outcomes:
+        report.total += 1
+        if outcome.spec is None:
+            report.rejected += 1
+            report.errors.extend(outcome.errors)
+        else:
+            report.valid += 1
+            report.estimated_cost_usd += providers(outcome.spec.provider).estimate_cost(
+                outcome.spec
+            )
+    return report
+
+
+class Submitter:
+    def __init__(
+        self,
+        store: BatchStore,
+        publish: Publish,
+        providers: Callable[[str], Provider],
+        stage: Stage | None = None,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.providers = providers
+        self.stage = stage
+
+    def submit(
+        self,
+        outcomes: Iterable[RowOutcome],
+        options: SubmitOptions,
+        on_row: Callable[[RowOutcome], None] | None = None,
+    ) -> SubmitReport:
+        """Record and enqueue every row of ``outcomes`` (from ``read_manifest``)."""
+        bid = options.batch_id
+        meta = {
+            "provider": options.defaults.provider,
+            "output": options.output,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "options": json.dumps(
+                {"prompt": options.defaults.prompt, "set": dict(options.defaults.values)}
+            ),
+        }
+        if not self.store.create(bid, meta, datetime.now(UTC).timestamp()):
+            raise UsageError(f"batch {bid} already exists: choose another --batch-id")
+        report = SubmitReport(batch_id=bid)
+        chunk: list[RowOutcome] = []
+        for outcome in outcomes:
+            chunk.append(outcome)
+            if on_row is not None:
+                on_row(outcome)
+            if len(chunk) >= CHUNK:
+                self._flush(chunk, options, report)
+                chunk = []
+        self._flush(chunk, options, report)
+        report.complete = self.store.seal(bid, report.total)
+        return report
+
+    def _flush(self, chunk: list[RowOutcome], options: SubmitOptions, report: SubmitReport) -> None:
+        bid = options.batch_id
+        rows: list[tuple[int, str, str, str | None]] = []
+        messages: list[tuple[str, str, int]] = []
+        for outcome in chunk:
+            report.total += 1
+            if outcome.spec is None:
+                report.rejected += 1
+                report.errors.extend(outcome.errors)
+                job_json, result = rejected_record(outcome, options.defaults)
+                rows.append((outcome.index, job_json, "failed", json.dumps(result)))
+                continue
+            spec = self.stage(outcome.spec, bid) if self.stage else outcome.spec
+            job = Job(
+                batch_id=bid,
+                index=outcome.index,
+                line=outcome.line,
+                spec=spec,
+                dest=row_destination(spec, options.output, bid),
+            )
+            report.valid += 1
+            report.estimated_cost_usd += self.providers(spec.provider).estimate_cost(spec)
+            rows.append((outcome.index, job.model_dump_json(), "queued", None))
+            messages.append((job.job_id, bid, outcome.index))
+        if rows:
+            # Record before publishing: a worker must always find its job record.
+            self.store.add_rows(bid, rows)
+            queued = [index for _, _, index in messages]
+            self.store.expect_many(bid, queued, options.grace_s, time.time())
+        if messages:
+            self.publish(messages)

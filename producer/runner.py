@@ -1,0 +1,188 @@
+"""Producer-side plumbing behind the CLI: open a manifest, submit it, wait for it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from producer.batch import (
+    SubmitOptions,
+    SubmitReport,
+    Submitter,
+    new_batch_id,
+    output_root,
+)
+from producer.manifest import (
+    Format,
+    RowDefaults,
+    RowOutcome,
+    detect_format,
+    parse_set_options,
+)
+from producer.publish import bulk_publisher
+from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
+from producer.staging import Stager, needs_staging
+from worker.errors import BgswapError, ManifestUnreadable
+from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
+from worker.providers import available, get_provider
+from worker.providers.base import Provider
+from worker.settings import Settings
+from worker.state import TERMINAL_STATES, BatchStore
+from worker.storage import Storage
+
+SNIFF_BYTES = 64 * 1024
+log = logging.getLogger("bgswap.producer")
+
+
+@dataclass(frozen=True)
+class ManifestInput:
+    stream: BinaryIO
+    fmt: Format
+    size: int | None  # bytes, when known (a file), for the progress bar
+    base_dir: Path
+
+
+@contextmanager
+def open_manifest(path: str, explicit_format: str | None) -> Iterator[ManifestInput]:
+    """Open a manifest file or ``-`` (stdin) and detect its format from name and head."""
+    if path == "-":
+        stream = cast(io.BufferedReader, sys.stdin.buffer)
+        size, base_dir, name = None, Path.cwd(), "-"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ManifestUnreadable(f"{path}: no such file")
+        stream = file.open("rb")
+        size, base_dir, name = file.stat().st_size, file.resolve().parent, file.name
+    try:
+        # peek() does not consume: the reader starts again at byte 0.
+        fmt = detect_format(name, stream.peek(SNIFF_BYTES)[:SNIFF_BYTES], explicit_format)
+        yield ManifestInput(stream=stream, fmt=fmt, size=size, base_dir=base_dir)
+    finally:
+        if path != "-":
+            stream.close()
+
+
+def row_defaults(
+    settings: Settings,
+    *,
+    provider: str,
+    prompt: str | None,
+    set_items: Sequence[str],
+    base_dir: Path,
+) -> RowDefaults:
+    return RowDefaults(
+        prompt=prompt,
+        values=parse_set_options(set_items),
+        provider=provider,
+        available_providers=frozenset(available()),
+        base_dir=base_dir,
+        allow_private_urls=settings.allow_private_urls,
+    )
+
+
+def provider_cache(settings: Settings) -> Callable[[str], Provider]:
+    cache: dict[str, Provider] = {}
+
+    def get(name: str) -> Provider:
+        if name not in cache:
+            cache[name] = get_provider(name, settings)
+        return cache[name]
+
+    return get
+
+
+def enqueue_finalize(app: Any, batch_id: str) -> None:
+    app.send_task(TASK_FINALIZE_BATCH, args=(batch_id,), task_id=finalize_task_id(batch_id))
+
+
+def submit_manifest(
+    settings: Settings,
+    app: Any,
+    store: BatchStore,
+    outcomes: Iterable[RowOutcome],
+    *,
+    defaults: RowDefaults,
+    output: str,
+    batch_id: str | None,
+    on_row: Callable[[RowOutcome], None] | None = None,
+) -> SubmitReport:
+    root = output_root(output)
+    stage = Stager(Storage(settings), root) if needs_staging(root) else None
+    submitter = Submitter(store, bulk_publisher(app), provider_cache(settings), stage)
+    options = SubmitOptions(
+        batch_id=batch_id or new_batch_id(),
+        output=root,
+        defaults=defaults,
+        grace_s=settings.row_grace_s,
+    )
+    report = submitter.submit(outcomes, options, on_row=on_row)
+    if report.complete:
+        enqueue_finalize(app, report.batch_id)
+    return report
+
+
+def active_memories(store: BatchStore, batch_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The provider memory of every row not yet terminal: running, or queued between two
+    steps while its provider works (scans the batch: O(rows))."""
+    active = set(store.indices_in_state(batch_id, "running"))
+    active |= set(store.indices_in_state(batch_id, "queued"))
+    for index, memory in store.provider_memories(batch_id):
+        if index in active:
+            yield index, memory
+
+
+def provider_queue(store: BatchStore, batch_id: str) -> tuple[int, int] | None:
+    """(rows waiting in a provider's queue, the deepest queue position), if any wait."""
+    positions = [
+        int(m["queue_position"])
+        for _, m in active_memories(store, batch_id)
+        if m.get("state") == "IN_QUEUE" and isinstance(m.get("queue_position"), int)
+    ]
+    return (len(positions), max(positions)) if positions else None
+
+
+def cancel_in_flight(settings: Settings, store: BatchStore, batch_id: str) -> int:
+    """Cancel the in-flight provider requests of a batch, where the provider has a cancel."""
+    providers = provider_cache(settings)
+    canceled = 0
+    for index, memory in active_memories(store, batch_id):
+        job = json.loads(store.job(batch_id, index) or "{}")
+        provider = providers(job.get("spec", {}).get("provider", "local"))
+        cancel = getattr(provider, "cancel", None)
+        try:
+            canceled += bool(cancel is not None and cancel(memory))
+        except BgswapError as exc:  # one failed cancel must not stop the others
+            log.warning("row %d: cancel failed: %s", index, exc.code)
+    return canceled
+
+
+def terminal_count(counts: dict[str, int]) -> int:
+    return sum(counts[s] for s in TERMINAL_STATES)
+
+
+def wait_for_batch(
+    store: BatchStore,
+    batch_id: str,
+    on_progress: Callable[[dict[str, int], int], None],
+    poll_s: float = 0.25,
+    timeout_s: float | None = None,
+) -> dict[str, str]:
+    """Block until the batch's output manifest is written; returns the batch meta."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        meta = store.meta(batch_id)
+        on_progress(store.counts(batch_id), int(meta.get("total", 0)))
+        if meta.get("status") == "done":
+            return meta
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} not done after {timeout_s:.0f}s")
+        time.sleep(poll_s)
