@@ -1,0 +1,436 @@
+"""The fal client against the strict fake (tests/servers/fal.py): every option on the wire,
+the queue protocol, and faults -- asserting through the fake's record how many times each
+row was submitted (paid)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from examples.make_examples import product_shot
+from servers.fal import FakeFal
+from servers.files import FileServer
+from servers.s3 import moto_s3, use_dummy_aws_env
+from worker.errors import (
+    Codes,
+    ProviderAccountError,
+    ProviderRejected,
+    ProviderUnavailable,
+    RowCanceled,
+)
+from worker.fetch import SourceFetcher
+from worker.jobs import ColorPalette, Job, JobSpec, PaletteMember
+from worker.providers.base import DictMemory, ProviderContext, ProviderResult, run_to_completion
+from worker.providers.fal import FalProvider, fal_input
+from worker.settings import Settings
+
+KEY = "fal-id:fal-SECRET"
+
+
+def png(kind: str = "box", size: tuple[int, int] = (80, 60)) -> bytes:
+    buf = io.BytesIO()
+    product_shot(kind, size, (240, 240, 240), 7).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFal]:
+    with FakeFal(KEY, queue_s=0.05, processing_s=0.1) as server:
+        yield server
+
+
+def settings_for(fake: FakeFal, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "fal_key": KEY,
+        "fal_queue_url": fake.queue_url,
+        "fal_rest_url": fake.rest_url,
+        "allow_private_urls": True,
+        "fal_poll_initial_s": 0.05,
+        "fal_poll_max_s": 0.2,
+        "fal_http_timeout_s": 2.0,
+        "fal_timeout_s": 20.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Runner:
+    """One provider, one row's memory: `run()` is one delivery of the row's job."""
+
+    def __init__(self, settings: Settings, spec: JobSpec) -> None:
+        self.provider = FalProvider(settings)
+        self.memory = DictMemory()
+        self.job = Job(batch_id="b", index=0, line=2, spec=spec, dest="/nowhere/b/x")
+        self.canceled = False
+        self.ctx = ProviderContext(
+            fetch=SourceFetcher(settings),
+            max_image_pixels=settings.max_image_pixels,
+            memory=self.memory,
+            canceled=lambda: self.canceled,
+        )
+
+    def run(self) -> ProviderResult:
+        return run_to_completion(self.provider, self.job, self.ctx)
+
+    def run_until_done(self, attempts: int = 5) -> ProviderResult:
+        for _ in range(attempts - 1):
+            try:
+                return self.run()
+            except ProviderUnavailable:
+                continue
+        return self.run()
+
+
+def spec(image: str, **options: Any) -> JobSpec:
+    prompt = options.pop("prompt", "a sunlit picnic")
+    return JobSpec(id="sku-1", image=image, prompt=prompt, provider="fal", **options)
+
+
+@pytest.fixture
+def seed_url(files: FileServer) -> str:
+    return files.add("/seed.png", png(), "image/png")
+
+
+def only_input(fake: FakeFal) -> dict[str, Any]:
+    (request_id,) = fake.submitted
+    body: dict[str, Any] = fake.submissions[request_id]
+    return body
+
+
+# -- every option reaches the wire ------------------------------------------------------
+
+OPTION_CASES = [
+    ({"prompt": "an opulent boutique window"}, "prompt", "an opulent boutique window"),
+    ({"rendering_speed": "TURBO"}, "rendering_speed", "TURBO"),
+    ({"rendering_speed": "QUALITY"}, "rendering_speed", "QUALITY"),
+    ({"magic_prompt": "ON"}, "expand_prompt", True),
+    ({"magic_prompt": "AUTO"}, "expand_prompt", True),
+    ({"magic_prompt": "OFF"}, "expand_prompt", False),
+    ({"style_type": "DESIGN"}, "style", "DESIGN"),
+    ({"style_code": "0a1b2c3d"}, "style_codes", ["0A1B2C3D"]),
+    ({"style_preset": "WATERCOLOR"}, "style_preset", "WATERCOLOR"),
+    ({"color_palette": ColorPalette(name="EMBER")}, "color_palette", {"name": "EMBER"}),
+    (
+        {
+            "color_palette": ColorPalette(
+                members=(PaletteMember(rgb=(255, 0, 16), weight=0.5), PaletteMember(rgb=(1, 2, 3)))
+            )
+        },
+        "color_palette",
+        {
+            "members": [
+                {"rgb": {"r": 255, "g": 0, "b": 16}, "color_weight": 0.5},
+                {"rgb": {"r": 1, "g": 2, "b": 3}},
+            ]
+        },
+    ),
+    ({"seed": 12345}, "seed", 12345),
+    ({"num_results": 3}, "num_images", 3),
+]
+
+
+@pytest.mark.parametrize(("options", "field", "wire"), OPTION_CASES)
+def test_option_reaches_the_wire(
+    fake: FakeFal, seed_url: str, options: dict[str, Any], field: str, wire: Any
+) -> None:
+    result = Runner(settings_for(fake), spec(seed_url, **options)).run()
+    body = only_input(fake)
+    assert body[field] == wire
+    assert body["image_url"] == seed_url
+    assert len(result.outputs) == options.get("num_results", 1)
+    assert fake.submit_count() == 1
+
+
+def test_defaults_send_only_the_required_fields(fake: FakeFal, seed_url: str) -> None:
+    result = Runner(settings_for(fake), spec(seed_url)).run()
+    assert set(only_input(fake)) == {"prompt", "image_url", "num_images"}
+    assert result.cost_usd == pytest.approx(0.06)  # BALANCED, one image
+    assert result.provider_task_id == fake.submitted[0]
+
+
+def test_results_seed_cost_and_images(fake: FakeFal, seed_url: str) -> None:
+    result = Runner(
+        settings_for(fake), spec(seed_url, num_results=3, rendering_speed="QUALITY", seed=7)
+    ).run()
+    assert result.cost_usd == pytest.approx(0.27)
+    assert len(result.outputs) == 3 and len({o.data for o in result.outputs}) == 3
+    for out in result.outputs:
+        assert out.seed is not None and out.content_type == "image/png"
+        assert (out.width, out.height) == (80, 60) and out.data.startswith(b"\x89PNG")
+
+
+def test_output_format_is_honoured_by_re_encoding(fake: FakeFal, seed_url: str) -> None:
+    result = Runner(
+        settings_for(fake), spec(seed_url, output_format="JPG", output_quality=60)
+    ).run()
+    (out,) = result.outputs
+    assert out.content_type == "image/jpeg" and out.extension == "jpg"
+    with Image.open(io.BytesIO(out.data)) as img:
+        assert img.format == "JPEG" and img.size == (80, 60)
+    assert "output_format" not in only_input(fake)  # fal has no such field
+
+
+def test_local_data_and_s3_inputs_go_through_fal_storage(
+    fake: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "seed.png"
+    local.write_bytes(png("mug"))
+    data_uri = "data:image/png;base64," + base64.b64encode(png("ring")).decode()
+    use_dummy_aws_env(monkeypatch)
+    with moto_s3() as s3:
+        s3.client.put_object(Bucket=s3.bucket, Key="refs/r.png", Body=png("bottle"))
+        settings = settings_for(fake, s3_endpoint_url=s3.endpoint_url)
+        refs = (data_uri, f"s3://{s3.bucket}/refs/r.png", str(local))
+        runner = Runner(settings, spec(str(local), style_reference_images=refs))
+        runner.run()
+    body = only_input(fake)
+    file_urls = [u.file_url for u in fake.uploads]
+    assert len(file_urls) == 3  # the local file went up once, though named twice
+    assert body["image_url"] == file_urls[0]
+    assert body["image_urls"] == [file_urls[1], file_urls[2], file_urls[0]]
+    assert all(not u.authorization_sent for u in fake.uploads)  # the key stays with fal's API
+    assert {u.content_type for u in fake.uploads} == {"image/png"}
+
+
+def test_headers_from_settings(fake: FakeFal, seed_url: str) -> None:
+    Runner(
+        settings_for(fake, fal_start_timeout_s=120, fal_queue_priority="low"), spec(seed_url)
+    ).run()
+    headers = fake.headers_of(fake.submitted[0])
+    assert headers["x-fal-request-timeout"] == "120" and headers["x-fal-queue-priority"] == "low"
+    assert headers["authorization"] == f"Key {KEY}"
+
+
+def test_polls_use_the_owner_app_urls_and_queue_position_is_kept(seed_url: str) -> None:
+    with FakeFal(KEY, queue_s=0.4, processing_s=0.1, concurrency=1) as fake:
+        runner = Runner(settings_for(fake), spec(seed_url))
+        runner.run()
+        polls = [r.path for r in fake.requests if r.method == "GET" and "/requests/" in r.path]
+    assert polls and all(p.startswith("/fal-ai/ideogram/requests/") for p in polls)
+    assert runner.memory.value["request_id"] == fake.submitted[0]
+    assert runner.memory.value["cancel_url"].endswith(
+        f"/fal-ai/ideogram/requests/{fake.submitted[0]}/cancel"
+    )
+    assert "queue_position" in runner.memory.value
+
+
+def test_fal_input_is_pure() -> None:
+    body = fal_input(spec("https://x/y.png", magic_prompt="OFF"), image_url="u", image_urls=None)
+    assert body == {
+        "prompt": "a sunlit picnic",
+        "image_url": "u",
+        "num_images": 1,
+        "expand_prompt": False,
+    }
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error_type", "code"),
+    [
+        ("content_policy_violation", Codes.PROVIDER_CONTENT_POLICY),
+        ("image_too_small", "provider.image_too_small"),
+        ("image_too_large", "provider.image_too_large"),
+        ("image_load_error", "provider.image_load_error"),
+        ("file_download_error", "provider.file_download_error"),
+    ],
+)
+def test_model_errors_fail_the_row_with_their_type(
+    fake: FakeFal, seed_url: str, error_type: str, code: str
+) -> None:
+    fake.inject("model_error", type=error_type)
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(seed_url)).run()
+    assert info.value.code == code and KEY not in str(info.value)
+    assert fake.submit_count() == 1
+
+
+def test_an_unreachable_image_url_is_a_download_error(fake: FakeFal, files: FileServer) -> None:
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(files.url("/missing.png"))).run()
+    assert info.value.code == "provider.file_download_error"
+
+
+def test_validation_422_is_permanent(fake: FakeFal, seed_url: str) -> None:
+    fake.inject(
+        "status",
+        status=422,
+        body=b'{"detail":[{"loc":["body","prompt"],"msg":"bad","type":"value_error"}]}',
+        content_type="application/json",
+    )
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(seed_url)).run()
+    assert info.value.code == Codes.PROVIDER_INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("lock", "code"), [(False, Codes.PROVIDER_AUTH), (True, Codes.PROVIDER_CREDITS)]
+)
+def test_auth_and_locked_accounts_are_account_errors(seed_url: str, lock: bool, code: str) -> None:
+    with FakeFal(KEY if lock else "another:key") as fake:
+        if lock:
+            fake.lock_account("Exhausted balance")
+        with pytest.raises(ProviderAccountError) as info:
+            Runner(settings_for(fake), spec(seed_url)).run()
+    assert info.value.code == code and KEY not in info.value.message
+
+
+def test_missing_key_fails_before_any_request(fake: FakeFal, seed_url: str) -> None:
+    with pytest.raises(ProviderAccountError):
+        Runner(settings_for(fake, fal_key=None), spec(seed_url)).run()
+    assert fake.requests == []
+
+
+def test_a_user_start_timeout_is_never_retried(seed_url: str) -> None:
+    with FakeFal(KEY, queue_s=3.0, processing_s=0.1, concurrency=1) as fake:
+        runner = Runner(settings_for(fake, fal_start_timeout_s=1), spec(seed_url))
+        with pytest.raises(ProviderRejected) as info:
+            runner.run()
+    assert info.value.code == Codes.PROVIDER_REQUEST_TIMEOUT and not info.value.retryable
+
+
+def test_an_expired_result_fails_the_row(fake: FakeFal, seed_url: str) -> None:
+    fake.inject("expire")
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(seed_url)).run()
+    assert info.value.code == Codes.PROVIDER_RESULT_EXPIRED
+
+
+# -- faults: how many times each row is submitted ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("status", {"status": 429, "retry_after": "1"}),
+        ("status", {"status": 503, "error_type": "runner_unavailable"}),
+        ("status", {"status": 500, "error_type": "internal_error"}),
+    ],
+)
+def test_refused_submits_are_retried_and_paid_once(
+    fake: FakeFal, seed_url: str, kind: str, params: dict[str, Any]
+) -> None:
+    fake.inject(kind, **params)  # type: ignore[arg-type]
+    runner = Runner(settings_for(fake), spec(seed_url))
+    with pytest.raises(ProviderUnavailable) as info:
+        runner.run()
+    if params["status"] == 429:
+        assert info.value.code == Codes.PROVIDER_RATE_LIMITED and info.value.retry_after_s == 1.0
+    assert len(runner.run().outputs) == 1
+    assert fake.submit_count() == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "accepted"),
+    [
+        ("accept_then_drop", {}, 1),
+        ("malformed", {"after_accept": True}, 1),
+        ("malformed", {}, 0),
+        (
+            "accept_then_status",
+            {"status": 502, "body": b"<html>Bad gateway</html>", "content_type": "text/html"},
+            1,
+        ),
+        ("slow", {"delay_s": 3.0}, 1),
+    ],
+)
+def test_unknown_outcomes_are_never_resubmitted(
+    fake: FakeFal, seed_url: str, kind: str, params: dict[str, Any], accepted: int
+) -> None:
+    fake.inject(kind, **params)  # type: ignore[arg-type]
+    runner = Runner(settings_for(fake, fal_http_timeout_s=1.0), spec(seed_url))
+    for _ in range(2):  # the first delivery, then a redelivery of the same row
+        with pytest.raises(ProviderRejected) as info:
+            runner.run()
+        assert info.value.code == Codes.PROVIDER_SUBMIT_UNKNOWN
+        assert "bgswap retry" in info.value.message
+    deadline = 4.0 if kind == "slow" else 0.0
+    import time
+
+    time.sleep(deadline)  # a slow submit lands after the client gave up
+    assert fake.submit_count() == accepted  # sent once, never again
+
+
+def test_resubmit_unknown_opt_in(fake: FakeFal, seed_url: str) -> None:
+    fake.inject("accept_then_drop")
+    runner = Runner(settings_for(fake, fal_resubmit_unknown=True), spec(seed_url))
+    result = runner.run_until_done()
+    assert len(result.outputs) == 1
+    assert fake.submit_count() == 2  # the documented price of opting in
+
+
+def test_fal_own_5xx_after_accept_is_the_documented_window(fake: FakeFal, seed_url: str) -> None:
+    """fal documents 5xx as not billed, so a 5xx with fal's error type is retried."""
+    fake.inject("accept_then_status", status=503, error_type="runner_unavailable")
+    result = Runner(settings_for(fake), spec(seed_url)).run_until_done()
+    assert len(result.outputs) == 1 and fake.submit_count() == 2
+
+
+def test_a_resumed_job_polls_instead_of_submitting(fake: FakeFal, seed_url: str) -> None:
+    first = Runner(settings_for(fake), spec(seed_url))
+    first.run()
+    again = Runner(settings_for(fake), spec(seed_url))
+    again.memory.value = dict(first.memory.value)
+    assert len(again.run().outputs) == 1
+    assert fake.submit_count() == 1
+
+
+def test_a_died_mid_submit_row_is_not_resubmitted(fake: FakeFal, seed_url: str) -> None:
+    runner = Runner(settings_for(fake), spec(seed_url))
+    runner.memory.value = {"submitting": True}  # the last worker died inside the window
+    with pytest.raises(ProviderRejected) as info:
+        runner.run()
+    assert info.value.code == Codes.PROVIDER_SUBMIT_UNKNOWN and fake.submit_count() == 0
+
+
+def test_slow_and_failing_polls_are_waited_out(fake: FakeFal, seed_url: str) -> None:
+    fake.inject("slow", route="status", delay_s=2.5)
+    fake.inject("status", route="status", times=2, status=503, error_type="runner_unavailable")
+    fake.inject("malformed", route="status")
+    result = Runner(settings_for(fake, fal_http_timeout_s=1.0), spec(seed_url)).run()
+    assert len(result.outputs) == 1 and fake.submit_count() == 1
+
+
+def test_a_runner_failure_is_resubmitted_as_a_new_request(fake: FakeFal, seed_url: str) -> None:
+    fake.inject("model_error", type="runner_disconnected")
+    runner = Runner(settings_for(fake), spec(seed_url))
+    with pytest.raises(ProviderUnavailable) as info:
+        runner.run()
+    assert info.value.code == Codes.PROVIDER_GENERATION_FAILED
+    assert "request_id" not in runner.memory.value
+    assert len(runner.run().outputs) == 1
+    assert fake.submit_count() == 2 and len(fake.billed()) == 1  # the failed one was not billed
+
+
+def test_cancel_stops_the_wait_and_cancels_the_request(seed_url: str) -> None:
+    with FakeFal(KEY, queue_s=5.0, processing_s=0.1) as fake:
+        runner = Runner(settings_for(fake), spec(seed_url))
+        import threading
+
+        def cancel_soon() -> None:
+            while "request_id" not in runner.memory.value:
+                threading.Event().wait(0.02)
+            assert runner.provider.cancel(runner.memory.value)
+            runner.canceled = True
+
+        thread = threading.Thread(target=cancel_soon)
+        thread.start()
+        with pytest.raises(RowCanceled):
+            runner.run()
+        thread.join()
+        assert fake.canceled == fake.submitted
+        assert fake.billed() == []  # canceled while queued: not billed

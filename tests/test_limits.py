@@ -1,0 +1,133 @@
+"""Global provider limits wired into the jobs (worker/limits.py): in-flight cap, rate,
+429 slow-down and the account circuit, on the real Redis with the fake providers."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from batching import png
+from producer.batch import SubmitOptions, Submitter, output_root
+from producer.manifest import RowDefaults, read_manifest
+from servers.fal import FakeFal
+from servers.files import FileServer
+from servers.runware import FakeRunware
+from worker.limits import Deferred
+from worker.pipeline import Deps, handle_delivery
+from worker.providers import get_provider
+from worker.runtime import build_deps
+from worker.settings import Settings
+
+RW_KEY = "rw-limits-key"
+FAL_KEY = "fal-id:fal-limits-secret"
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    with FileServer() as server:
+        yield server
+
+
+def submit(deps: Deps, provider: str, rows: int, url: str, out: Path, bid: str) -> None:
+    settings = deps.settings
+    submitter = Submitter(deps.store, lambda msgs: None, lambda name: get_provider(name, settings))
+    defaults = RowDefaults(provider=provider, available_providers=frozenset({provider}),
+                           base_dir=out, allow_private_urls=True)  # fmt: skip
+    csv = "id,image,prompt\n" + "".join(f"r{i},{url},p\n" for i in range(rows))
+    options = SubmitOptions(batch_id=bid, output=output_root(str(out)), defaults=defaults)
+    submitter.submit(read_manifest(io.BytesIO(csv.encode()), "csv", defaults), options)
+
+
+def deliver_all(deps: Deps, bid: str, rows: int) -> list[float | None]:
+    with ThreadPoolExecutor(rows) as pool:
+        return list(pool.map(lambda i: handle_delivery(bid, i, deps), range(rows)))
+
+
+def test_the_in_flight_cap_defers_rows_without_counting_attempts(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    url = files.add("/s.png", png(), "image/png")
+    with FakeFal(FAL_KEY, queue_s=0.05, processing_s=1.0) as fake:
+        settings = Settings(redis_url=redis_url, fal_key=FAL_KEY, fal_queue_url=fake.queue_url,
+                            fal_rest_url=fake.rest_url, allow_private_urls=True,
+                            fal_poll_initial_s=0.05, fal_max_in_flight=1)  # fmt: skip
+        deps = build_deps(settings, lambda bid: None)
+        submit(deps, "fal", 3, url, tmp_path, "cap")
+        delays = deliver_all(deps, "cap", 3)
+        assert fake.submit_count() == 1  # one request in flight at a time
+        assert all(d is not None and 0 < d < 5 for d in delays)  # one polls, two wait a slot
+        assert deps.store.counts("cap")["queued"] == 3
+        assert [r.attempts for r in deps.store.records("cap", 3)] == [
+            0,
+            0,
+            0,
+        ]  # waits are not attempts
+        deliver_all(deps, "cap", 3)  # row 0 still generating: nobody else may submit
+        assert fake.submit_count() == 1
+        deadline = time.monotonic() + 30
+        while deps.store.counts("cap")["succeeded"] < 3 and time.monotonic() < deadline:
+            for index in sorted(deps.store.indices_in_state("cap", "queued")):
+                handle_delivery("cap", index, deps)
+            time.sleep(0.05)
+        assert deps.store.counts("cap")["succeeded"] == 3 and fake.submit_count() == 3
+
+
+def test_the_rate_limit_spaces_submissions_across_the_fleet(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware(RW_KEY, processing_s=0.05) as fake:
+        settings = Settings(redis_url=redis_url, runware_api_key=RW_KEY, runware_api_url=fake.url,
+                            allow_private_urls=True, runware_poll_initial_s=0.05,
+                            runware_rate="2/s")  # fmt: skip
+        deps = build_deps(settings, lambda bid: None)
+        submit(deps, "runware", 3, url, tmp_path, "rate")
+        delays = deliver_all(deps, "rate", 3)
+        assert len(fake.paid) == 1  # a burst of 1: the others wait for their token
+        waits = sorted(d for d in delays if d is not None and d > 0.2)
+        assert len(waits) == 2 and all(w < 1.0 for w in waits)
+        # another worker process (a second Deps) shares the same limiter through Redis
+        other = build_deps(settings, lambda bid: None)
+        limits = other.limits("runware")
+        assert limits is not None
+        with pytest.raises(Deferred):
+            limits.admit("someone-else")
+
+
+def test_a_429_slows_the_account_down(redis_client: redis_lib.Redis, redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, runware_api_key=RW_KEY, runware_rate="10/s")
+    limits = build_deps(settings, lambda bid: None).limits("runware")
+    assert limits is not None and limits.rate is not None
+    rates, key, rate = limits.backends.rates, limits.key, limits.rate
+    limits.loop.run(rates.acquire(key, rate))
+    normal = limits.loop.run(rates.acquire(key, rate))  # the next slot: 1/10 s away
+    limits.slow_down()
+    time.sleep(normal + 0.01)
+    assert limits.loop.run(rates.acquire(key, rate)) == 0.0
+    slowed = limits.loop.run(rates.acquire(key, rate))  # spaced at half the rate now
+    assert 0.05 < normal <= 0.1 and 0.15 < slowed <= 0.2
+
+
+def test_an_auth_error_opens_the_circuit_for_every_batch_on_the_account(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware("the-right-key") as fake:
+        settings = Settings(redis_url=redis_url, runware_api_key=RW_KEY, runware_api_url=fake.url,
+                            allow_private_urls=True)  # fmt: skip
+        deps = build_deps(settings, lambda bid: None)
+        submit(deps, "runware", 1, url, tmp_path, "a1")
+        submit(deps, "runware", 2, url, tmp_path, "a2")
+        handle_delivery("a1", 0, deps)
+        handle_delivery("a2", 0, deps)
+        handle_delivery("a2", 1, deps)
+        assert len(fake.requests) == 1  # batch a2 never reached Runware
+    errors = [r.result["error"] for r in deps.store.records("a2", 2) if r.result]
+    assert {e["code"] for e in errors} == {"provider.halted"}
+    assert "circuit open" in errors[0]["message"] and "invalidApiKey" in errors[0]["message"]

@@ -1,0 +1,472 @@
+"""The Runware client against the strict fake (tests/servers/runware.py): every option on
+the wire, the async protocol, and faults -- asserting through the fake's own record that
+every row was accepted (paid) exactly once."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from examples.make_examples import product_shot
+from servers.files import FileServer
+from servers.runware import FakeRunware
+from servers.s3 import moto_s3, use_dummy_aws_env
+from worker.errors import (
+    BgswapError,
+    Codes,
+    ProviderAccountError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from worker.fetch import SourceFetcher
+from worker.jobs import Job, JobSpec
+from worker.providers.base import DictMemory, ProviderContext, ProviderResult, run_to_completion
+from worker.providers.runware import RunwareConfig, RunwareProvider, classify, inference_task
+from worker.settings import Settings
+from worker.storage import Storage
+
+KEY = "rw-test-key-SECRET"
+
+
+def png(kind: str = "box", size: tuple[int, int] = (80, 60)) -> bytes:
+    buf = io.BytesIO()
+    product_shot(kind, size, (240, 240, 240), 7).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRunware]:
+    with FakeRunware(KEY, processing_s=0.15) as server:
+        yield server
+
+
+def settings_for(fake: FakeRunware, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "runware_api_key": KEY,
+        "runware_api_url": fake.url,
+        "allow_private_urls": True,
+        "runware_poll_initial_s": 0.05,
+        "runware_poll_max_s": 0.2,
+        "runware_request_timeout_s": 2.0,
+        "runware_timeout_s": 20.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Runner:
+    """One provider, one row's memory: `run()` is one delivery of the row's job."""
+
+    def __init__(
+        self, settings: Settings, spec: JobSpec, dest: str, storage: Storage | None = None
+    ) -> None:
+        self.provider = RunwareProvider(settings)
+        self.memory = DictMemory()
+        self.job = Job(batch_id="b", index=0, line=2, spec=spec, dest=dest)
+        self.ctx = ProviderContext(
+            fetch=SourceFetcher(settings),
+            max_image_pixels=settings.max_image_pixels,
+            memory=self.memory,
+            storage=storage,
+        )
+
+    def run(self) -> ProviderResult:
+        return run_to_completion(self.provider, self.job, self.ctx)
+
+    def run_until_done(self, attempts: int = 5) -> ProviderResult:
+        """Deliveries until one succeeds, as Celery retries would do."""
+        for _ in range(attempts - 1):
+            try:
+                return self.run()
+            except ProviderUnavailable:
+                continue
+        return self.run()
+
+
+def spec(image: str, **options: Any) -> JobSpec:
+    return JobSpec(
+        id="sku-1",
+        image=image,
+        prompt=options.pop("prompt", "a sunlit picnic"),
+        provider="runware",
+        **options,
+    )
+
+
+@pytest.fixture
+def seed_url(files: FileServer) -> str:
+    return files.add("/seed.png", png(), "image/png")
+
+
+def only_task(fake: FakeRunware) -> dict[str, Any]:
+    (task,) = fake.tasks("imageInference")
+    return task
+
+
+# -- every option reaches the wire with the right name and value -------------------------
+
+OPTION_CASES = [
+    ({"rendering_speed": "TURBO"}, ("providerSettings", "ideogram", "renderingSpeed"), "TURBO"),
+    (
+        {"rendering_speed": "BALANCED"},
+        ("providerSettings", "ideogram", "renderingSpeed"),
+        "DEFAULT",
+    ),
+    ({"rendering_speed": "QUALITY"}, ("providerSettings", "ideogram", "renderingSpeed"), "QUALITY"),
+    ({"magic_prompt": "OFF"}, ("providerSettings", "ideogram", "magicPrompt"), "OFF"),
+    ({"style_type": "FICTION"}, ("providerSettings", "ideogram", "styleType"), "FICTION"),
+    (
+        {"style_preset": "MAGAZINE_EDITORIAL"},
+        ("providerSettings", "ideogram", "stylePreset"),
+        "MAGAZINE_EDITORIAL",
+    ),
+    ({"style_code": "a1b2c3d4"}, ("providerSettings", "ideogram", "styleCode"), "A1B2C3D4"),
+    ({"output_format": "WEBP"}, ("outputFormat",), "WEBP"),
+    ({"output_quality": 42}, ("outputQuality",), 42),
+    ({"num_results": 2}, ("numberResults",), 2),
+    ({"prompt": "an opulent boutique window"}, ("positivePrompt",), "an opulent boutique window"),
+]
+
+
+def dig(task: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = task
+    for part in path:
+        value = value[part]
+    return value
+
+
+@pytest.mark.parametrize(("options", "path", "wire"), OPTION_CASES)
+def test_option_reaches_the_wire(
+    fake: FakeRunware,
+    seed_url: str,
+    tmp_path: Path,
+    options: dict[str, Any],
+    path: tuple[str, ...],
+    wire: Any,
+) -> None:
+    result = Runner(settings_for(fake), spec(seed_url, **options), str(tmp_path / "o")).run()
+    task = only_task(fake)
+    assert dig(task, path) == wire
+    assert task["model"] == "ideogram:4@5" and task["includeCost"] is True
+    assert task["deliveryMethod"] == "async" and task["inputs"] == {"seedImage": seed_url}
+    assert len(result.outputs) == options.get("num_results", 1)
+    assert fake.accept_count(task["taskUUID"]) == 1
+
+
+def test_defaults_send_nothing_4at5_rejects(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    task = only_task(fake)
+    assert set(task) == {
+        "taskType",
+        "taskUUID",
+        "model",
+        "positivePrompt",
+        "inputs",
+        "outputType",
+        "outputFormat",
+        "numberResults",
+        "includeCost",
+        "deliveryMethod",
+    }
+    assert task["outputFormat"] == "JPG" and task["outputType"] == "URL"
+
+
+def test_every_result_is_returned_with_cost_and_seed(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    result = Runner(
+        settings_for(fake),
+        spec(seed_url, num_results=3, rendering_speed="QUALITY", output_format="PNG"),
+        str(tmp_path / "o"),
+    ).run()
+    assert len(result.outputs) == 3
+    assert result.cost_usd == pytest.approx(0.27)
+    assert result.provider_task_id == only_task(fake)["taskUUID"]
+    for out in result.outputs:
+        assert out.data.startswith(b"\x89PNG") and out.content_type == "image/png"
+        assert (out.width, out.height) == (80, 60) and isinstance(out.seed, int)
+    assert len({o.data for o in result.outputs}) == 3  # three different images, not one thrice
+
+
+@pytest.mark.parametrize("output_type", ["base64Data", "dataURI"])
+def test_output_types(fake: FakeRunware, seed_url: str, tmp_path: Path, output_type: str) -> None:
+    settings = settings_for(fake, runware_output_type=output_type)
+    result = Runner(settings, spec(seed_url), str(tmp_path / "o")).run()
+    assert only_task(fake)["outputType"] == output_type
+    with Image.open(io.BytesIO(result.outputs[0].data)) as img:
+        assert img.format == "JPEG" and img.size == (80, 60)
+
+
+def test_settings_options_reach_the_wire(
+    files: FileServer, fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    hook = files.url("/hook?token=t")
+    settings = settings_for(
+        fake, runware_ttl_s=120, runware_check_content=True, runware_webhook_url=hook
+    )
+    result = Runner(settings, spec(seed_url), str(tmp_path / "o")).run()
+    task = only_task(fake)
+    assert task["ttl"] == 120 and task["safety"] == {"checkContent": True}
+    assert task["webhookURL"] == hook
+    assert result.outputs[0].nsfw is False
+
+
+def test_sync_delivery(fake: FakeRunware, seed_url: str, tmp_path: Path) -> None:
+    result = Runner(
+        settings_for(fake, runware_delivery="sync"), spec(seed_url), str(tmp_path / "o")
+    ).run()
+    assert only_task(fake)["deliveryMethod"] == "sync"
+    assert fake.tasks("getResponse") == []  # the answer carried the result
+    assert len(result.outputs) == 1
+
+
+def test_local_and_data_uri_inputs(fake: FakeRunware, tmp_path: Path) -> None:
+    local = tmp_path / "seed.png"
+    local.write_bytes(png("mug"))
+    data_uri = "data:image/png;base64," + base64.b64encode(png("ring")).decode()
+    runner = Runner(
+        settings_for(fake),
+        spec(str(local), style_reference_images=(data_uri, str(local))),
+        str(tmp_path / "o"),
+    )
+    runner.run()
+    (upload,) = fake.tasks("imageUpload")  # the same local file goes up once
+    task = only_task(fake)
+    uploaded = runner.memory.value["uploads"][str(local)]
+    assert upload["image"].startswith("data:image/png;base64,")
+    assert task["inputs"]["seedImage"] == uploaded
+    assert task["providerSettings"]["ideogram"]["styleReferenceImages"] == [data_uri, uploaded]
+
+
+def test_s3_input_is_uploaded_by_uuid(
+    fake: FakeRunware, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_dummy_aws_env(monkeypatch)
+    with moto_s3() as s3:
+        s3.client.put_object(Bucket=s3.bucket, Key="in/seed.png", Body=png())
+        settings = settings_for(fake, s3_endpoint_url=s3.endpoint_url)
+        Runner(settings, spec(f"s3://{s3.bucket}/in/seed.png"), str(tmp_path / "o")).run()
+    (upload,) = fake.tasks("imageUpload")
+    assert only_task(fake)["inputs"]["seedImage"] != f"s3://{s3.bucket}/in/seed.png"
+    assert upload["image"].startswith("data:image/png;base64,")
+
+
+def test_inference_task_is_pure_and_complete() -> None:
+    cfg = RunwareConfig(api_url="x", ttl_s=60, output_type="base64Data")
+    task = inference_task(
+        spec("https://x/y.png"), task_uuid="u", seed_image="s", style_references=None, cfg=cfg
+    )
+    assert "ttl" not in task  # ttl applies to URL outputs only
+
+
+# -- direct upload ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    use_dummy_aws_env(monkeypatch)
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.mark.parametrize("upload_fails", [False, True])
+def test_direct_upload_is_verified_and_falls_back(
+    s3: Any, seed_url: str, upload_fails: bool
+) -> None:
+    with FakeRunware(KEY, processing_s=0.1, upload_fails=upload_fails) as fake:
+        settings = settings_for(fake, runware_direct_upload=True, s3_endpoint_url=s3.endpoint_url)
+        storage = Storage(settings)
+        dest = f"s3://{s3.bucket}/runs/{upload_fails}/sku-1"  # moto's state is per process
+        result = Runner(settings, spec(seed_url), dest, storage).run()
+        task = only_task(fake)
+    assert "X-Amz-Signature" in task["uploadEndpoint"]
+    assert "content-type" not in task["uploadEndpoint"].lower()  # no Content-Type signed
+    (out,) = result.outputs
+    if upload_fails:
+        assert out.stored is None and out.data  # downloaded; the pipeline uploads it
+    else:
+        assert out.stored is not None and out.stored.url == dest + ".jpg" and out.data == b""
+        head = s3.client.head_object(Bucket=s3.bucket, Key=f"runs/{upload_fails}/sku-1.jpg")
+        assert head["ContentLength"] == out.stored.bytes > 0
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind", "ours"),
+    [
+        (401, "invalidApiKey", ProviderAccountError, Codes.PROVIDER_AUTH),
+        (402, "insufficientCredits", ProviderAccountError, Codes.PROVIDER_CREDITS),
+        (403, "forbidden", ProviderAccountError, Codes.PROVIDER_AUTH),
+        (400, "contentPolicyViolation", ProviderRejected, Codes.PROVIDER_CONTENT_POLICY),
+        (400, "invalidPositivePrompt", ProviderRejected, Codes.PROVIDER_INVALID_REQUEST),
+        (429, "rateLimitExceeded", ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
+        (408, "timeout", ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
+    ],
+)
+def test_error_answers_are_classified(
+    fake: FakeRunware,
+    seed_url: str,
+    tmp_path: Path,
+    status: int,
+    code: str,
+    kind: type[BgswapError],
+    ours: str,
+) -> None:
+    fake.inject("status", status=status, code=code, retry_after="3")
+    with pytest.raises(kind) as info:
+        Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    assert info.value.code == ours
+    assert code in info.value.message and KEY not in info.value.message
+    assert fake.paid == []
+    if ours == Codes.PROVIDER_RATE_LIMITED:
+        assert info.value.retry_after_s == 3.0
+
+
+def test_a_wrong_key_is_an_account_error(seed_url: str, tmp_path: Path) -> None:
+    with FakeRunware("the-right-key") as fake, pytest.raises(ProviderAccountError) as info:
+        Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    assert info.value.code == Codes.PROVIDER_AUTH and KEY not in str(info.value)
+
+
+def test_missing_key_fails_before_any_request(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ProviderAccountError):
+        Runner(settings_for(fake, runware_api_key=None), spec(seed_url), str(tmp_path / "o")).run()
+    assert fake.requests == []
+
+
+def test_classify_prefers_the_code_over_the_status() -> None:
+    assert classify(400, {"code": "insufficientCredits"}, None).code == Codes.PROVIDER_CREDITS
+    assert classify(503, {"code": "x"}, 1.0).retryable
+
+
+# -- faults: each row accepted (paid) exactly once -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("status", {"status": 429, "code": "rateLimitExceeded", "retry_after": "1"}),
+        ("status", {"status": 503, "code": "noAvailableServer"}),
+        ("accept_then_500", {}),
+        ("accept_then_drop", {}),
+        ("malformed", {}),
+        ("malformed", {"after_accept": True}),
+        ("slow", {"delay_s": 3.0}),
+    ],
+)
+def test_faults_on_submit_never_pay_twice(
+    fake: FakeRunware, seed_url: str, tmp_path: Path, kind: str, params: dict[str, Any]
+) -> None:
+    fake.inject(kind, **params)  # type: ignore[arg-type]
+    runner = Runner(
+        settings_for(fake, runware_request_timeout_s=1.0), spec(seed_url), str(tmp_path / "o")
+    )
+    result = runner.run_until_done()
+    assert len(result.outputs) == 1
+    assert len(fake.paid) == 1
+    (task_uuid,) = fake.paid
+    assert fake.accept_count(task_uuid) == 1
+    assert runner.memory.value["task_uuid"] == task_uuid
+
+
+def test_a_resumed_job_polls_instead_of_submitting(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    first = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o"))
+    first.run()
+    again = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o"))
+    again.memory.value = dict(first.memory.value)  # what Redis kept for the row
+    result = again.run()
+    assert len(fake.tasks("imageInference")) == 1 and len(result.outputs) == 1
+
+
+def test_conflict_means_already_accepted(fake: FakeRunware, seed_url: str, tmp_path: Path) -> None:
+    first = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o"))
+    first.run()
+    # a redelivered job that lost the "accepted" mark submits the same uuid again
+    again = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o"))
+    again.memory.value = {"task_uuid": first.memory.value["task_uuid"]}
+    result = again.run()
+    assert len(fake.tasks("imageInference")) == 2 and len(fake.paid) == 1
+    assert len(result.outputs) == 1
+
+
+def test_rate_limited_polls_are_waited_out(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    fake.inject("status", task_type="getResponse", times=2, status=429, code="rateLimitExceeded")
+    result = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    assert len(result.outputs) == 1 and len(fake.paid) == 1
+
+
+def test_content_policy_generation_error_fails_the_row(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    fake.inject("generation_error", code="contentPolicyViolation")
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    assert info.value.code == Codes.PROVIDER_CONTENT_POLICY
+
+
+def test_transient_generation_error_retries_as_a_new_task(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    fake.inject("generation_error", code="timeoutProvider")
+    runner = Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o"))
+    with pytest.raises(ProviderUnavailable) as info:
+        runner.run()
+    assert info.value.code == Codes.PROVIDER_GENERATION_FAILED
+    assert "task_uuid" not in runner.memory.value
+    result = runner.run()
+    assert len(result.outputs) == 1
+    assert len(fake.paid) == 2 and len(set(fake.paid)) == 2  # the failed one, then a new one
+
+
+@pytest.mark.parametrize("placement", ["errors", "data"])
+def test_both_error_placements_are_understood(
+    seed_url: str, tmp_path: Path, placement: str
+) -> None:
+    with FakeRunware(KEY, processing_s=0.1, error_placement=placement) as fake:  # type: ignore[arg-type]
+        fake.inject("generation_error", code="contentPolicyViolation")
+        with pytest.raises(ProviderRejected):
+            Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+
+
+@pytest.mark.parametrize("ack_style", ["empty", "item"])
+def test_both_ack_shapes_are_understood(seed_url: str, tmp_path: Path, ack_style: str) -> None:
+    with FakeRunware(KEY, processing_s=0.1, ack_style=ack_style) as fake:  # type: ignore[arg-type]
+        result = Runner(
+            settings_for(fake), spec(seed_url, num_results=2), str(tmp_path / "o")
+        ).run()
+    assert len(result.outputs) == 2
+
+
+def test_poll_timeout_is_retryable_and_resumes_the_same_task(seed_url: str, tmp_path: Path) -> None:
+    with FakeRunware(KEY, processing_s=1.5) as fake:
+        runner = Runner(
+            settings_for(fake, runware_timeout_s=0.3), spec(seed_url), str(tmp_path / "o")
+        )
+        with pytest.raises(ProviderUnavailable) as info:
+            runner.run()
+        assert info.value.code == Codes.PROVIDER_TIMEOUT
+        runner.provider = RunwareProvider(settings_for(fake))
+        assert len(runner.run().outputs) == 1
+        assert len(fake.paid) == 1
