@@ -1,0 +1,116 @@
+"""Saturation: with a 2 s provider latency and an in-flight cap of 200, one worker process
+(threads pool) should keep the cap full: at least 90% of cap / latency = 100 rows/s, from
+submit to the output manifest, for 2,000 rows. Baseline, same run: a default prefork worker
+(`-P prefork -c 2`) with BGSWAP_RUNWARE_DELIVERY=sync, which holds a process for each
+generation (fewer rows: at about 1 row/s per process, 2,000 would take 1,000 s).
+
+    python -m bench.saturation [--rows 2000] [--baseline-rows 40] [--poll-initial-s 2]
+
+The fake Runware runs in its own process (bench/fake_provider.py). Poll spacing matters:
+a row holds its slot until the poll that finds it done, so with the default first poll at
+1 s then 1.5 s later a 2 s generation is seen at 2.5 s (at most 80% of the limit);
+`--poll-initial-s` sets BGSWAP_RUNWARE_POLL_INITIAL_S (2 by default here: the latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import Baseline, Result, free_port, report
+from bench.fake_provider import FakeProvider
+from bench.workers import (
+    check_all_succeeded,
+    cpu_s,
+    deliveries,
+    reset_redis_stats,
+    start_worker,
+    stop_worker,
+    submit_and_wait,
+    worker_env,
+    write_manifest,
+)  # fmt: skip
+from producer.embedded import redis_server
+
+LATENCY_S = 2.0
+CAP = 200
+ROWS = 2000
+BASELINE_ROWS = 20
+RESULT_BYTES = 16_384
+TARGET_SHARE = 0.9
+
+
+def run(
+    url: str, fake: FakeProvider, workdir: Path, rows: int, batch: str,
+    extra: dict[str, str], args: tuple[str, ...],
+) -> tuple[float, float, float, int]:  # fmt: skip
+    """Rows/s from submit to output manifest, the worker's CPU seconds, the fake's, and
+    the deliveries (messages the workers took from the queue)."""
+    manifest = workdir / f"{batch}.csv"
+    write_manifest(manifest, rows, fake.seed_url)
+    env = worker_env(url, fake, **extra)
+    worker = start_worker(env, workdir / f"{batch}.log", *args)
+    fake_cpu0 = fake.stats()["cpu_s"]
+    try:
+        cpu0 = cpu_s(worker.pid)
+        reset_redis_stats(url)
+        seconds, lines = submit_and_wait(url, fake, manifest, workdir, batch)
+        cpu = cpu_s(worker.pid) - cpu0
+        taken = deliveries(url)
+    finally:
+        stop_worker(worker)
+    check_all_succeeded(lines, rows)
+    return rows / seconds, cpu, fake.stats()["cpu_s"] - fake_cpu0, taken
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.saturation", description=__doc__)
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--baseline-rows", type=int, default=BASELINE_ROWS)
+    parser.add_argument("--poll-initial-s", type=float, default=LATENCY_S)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    limit = CAP / LATENCY_S
+    with (
+        tempfile.TemporaryDirectory(prefix="bgswap-bench-") as tmp,
+        redis_server(port=free_port(), use_socket=False) as url,
+        FakeProvider(LATENCY_S, RESULT_BYTES, free_port()) as fake,
+    ):
+        work = Path(tmp)
+        base_rate, _, _, _ = run(
+            url, fake, work, args.baseline_rows, "sat-base",
+            {"BGSWAP_RUNWARE_DELIVERY": "sync", "BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP)},
+            ("-P", "prefork", "-c", "2"),
+        )  # fmt: skip
+        rate, cpu, fake_cpu, taken = run(
+            url, fake, work, args.rows, "sat",
+            {"BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP),
+             "BGSWAP_WORKER_CONCURRENCY": str(args.concurrency),
+             "BGSWAP_RUNWARE_POLL_INITIAL_S": str(args.poll_initial_s)},
+            (),
+        )  # fmt: skip
+        paid = fake.stats()
+    if paid["paid"] != paid["unique_paid"]:
+        raise RuntimeError(f"a task was paid twice: {paid['paid']} != {paid['unique_paid']}")
+    seconds = args.rows / rate
+    result: Result = report(
+        "saturation",
+        rate,
+        "rows/s",
+        Baseline(f"prefork -c 2, sync delivery ({args.baseline_rows} rows)", base_rate),
+        TARGET_SHARE * limit if args.rows == ROWS else None,
+        lower_is_better=False,
+        what=f"{args.rows} rows, latency {LATENCY_S:g} s, cap {CAP}:",
+        note=f"{100 * rate / limit:.0f}% of the {limit:g} rows/s limit; {seconds:.1f} s; "
+        f"first poll {args.poll_initial_s:g} s; {args.concurrency} threads; worker CPU "
+        f"{1000 * cpu / args.rows:.1f} ms/row ({100 * cpu / seconds:.0f}% of a core), "
+        f"{taken / args.rows:.1f} deliveries/row, {1000 * cpu / taken:.1f} ms/delivery, "
+        f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core",
+    )
+    return 0 if result.met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
