@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         base_rate, _, _, _ = run(
             url, fake, work, args.baseline_rows, "sat-base",
-            {"BGSWAP_RUNWARE_DELIVERY": "sync", "BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP)},
+            {"BGSWAP_RUNWARE_DELIVERY": "sync", "BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP),
+             "BGSWAP_WORKER_CONCURRENCY": "1"},  # one row at a time per process
             ("-P", "prefork", "-c", "2"),
         )  # fmt: skip
         rate, cpu, fake_cpu, taken = run(

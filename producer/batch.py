@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,8 +50,6 @@ class SubmitOptions:
     batch_id: str
     output: str  # from output_root()
     defaults: RowDefaults
-    # A queued row unseen for this long is re-enqueued by a worker's watchdog.
-    grace_s: float = 165.0
 
 
 @dataclass
@@ -180,7 +177,5 @@ class Submitter:
         if rows:
             # Record before publishing: a worker must always find its job record.
             self.store.add_rows(bid, rows)
-            queued = [index for _, _, index in messages]
-            self.store.expect_many(bid, queued, options.grace_s, time.time())
         if messages:
             self.publish(messages)

@@ -472,7 +472,6 @@ def retry(batch: Annotated[str, typer.Argument(help="batch id")]) -> None:
             and store.requeue_failed(batch, rec.index)
         ):
             messages.append((f"{batch}:{rec.index}:retry", batch, rec.index))
-    store.expect_many(batch, [index for _, _, index in messages], settings.row_grace_s, time.time())
     runner.celery_publisher(celery_app)(messages)
     err.print(f"{len(messages)} failed rows re-enqueued")
 

@@ -123,6 +123,7 @@ def inprocess_worker(app: Any, concurrency: int) -> Iterator[None]:
     thread.start()
     if not ready.wait(START_TIMEOUT_S):
         raise RuntimeError("the in-process worker did not start")
+    from worker.runtime import close_engine  # noqa: PLC0415
     from worker.tasks import start_watchdog  # noqa: PLC0415 - the app's tasks, loaded now
 
     watchdog = start_watchdog()
@@ -134,3 +135,4 @@ def inprocess_worker(app: Any, concurrency: int) -> Iterator[None]:
         state.should_terminate = 0
         thread.join(30)
         state.should_terminate = None
+        close_engine()  # rows still held (an interrupted run) go back to the queue

@@ -122,7 +122,6 @@ def submit_manifest(
         batch_id=batch_id or new_batch_id(),
         output=root,
         defaults=defaults,
-        grace_s=settings.row_grace_s,
     )
     report = submitter.submit(outcomes, options, on_row=on_row)
     if report.complete:

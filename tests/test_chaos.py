@@ -42,19 +42,19 @@ def files() -> Iterator[FileServer]:
 
 
 def arm_faults(fake: FakeRunware, stop: threading.Event) -> Counter[str]:
-    """Arm one fault per 10 requests the fake receives while most rows are still to submit.
+    """Arm one fault per 10 requests the fake receives, spread over the batch.
 
-    One fault is pending at a time, and arming stops once 90% of the rows were accepted:
-    near the end only a few rows still submit, and faults aimed at "the next submit" would
-    all land on the last of them and exhaust its attempts (a test artefact, not a bgswap
-    failure)."""
+    At most one fault per task type is pending, and submit faults stop once 90% of the
+    rows were accepted: near the end only a few rows still submit, and a pile of faults
+    aimed at "the next submit" would all land on the last of them and exhaust its
+    attempts (a test artefact, not a bgswap failure)."""
     rng = random.Random(5)
     armed: Counter[str] = Counter()
     last = 0
     while not stop.is_set():
-        quiet = len(fake.requests) >= last + 10 and fake.pending_faults() == 0
-        if quiet and len(fake.paid) < ROWS * 9 // 10:
-            kind, task_type, params = rng.choice(FAULTS)
+        kind, task_type, params = rng.choice(FAULTS)
+        late = task_type == "imageInference" and len(fake.paid) >= ROWS * 9 // 10
+        if len(fake.requests) >= last + 10 and not fake.pending_faults(task_type) and not late:
             fake.inject(kind, task_type=task_type, **params)  # type: ignore[arg-type]
             armed[f"{task_type}:{kind}"] += 1
             last = len(fake.requests)
@@ -77,6 +77,7 @@ def test_chaos_every_row_succeeds_and_is_paid_exactly_once(
             BGSWAP_RUNWARE_POLL_MAX_S="2", BGSWAP_RETRY_BASE_S="0.2", BGSWAP_RETRY_CAP_S="2",
             BGSWAP_MAX_ATTEMPTS="8", BGSWAP_VISIBILITY_TIMEOUT_S="12",
             BGSWAP_WORKER_CONCURRENCY="8", BGSWAP_RUNWARE_REQUEST_TIMEOUT_S="5",
+            BGSWAP_ROW_LEASE_S="6",
         )  # fmt: skip
         stop = threading.Event()
         armed: Counter[str] = Counter()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,14 +274,15 @@ def test_bgswap_run_accounts_for_every_row_of_a_1000_row_manifest(tmp_path: Path
     assert len(written) == 1001  # 1000 images + the manifest
 
 
-def test_a_lost_message_is_brought_back_by_the_watchdog(
+def test_the_watchdog_brings_back_lost_messages_and_dead_workers_rows(
     redis_client: object, redis_url: str, tmp_path: Path, files: FileServer
 ) -> None:
-    """A row whose message vanished (a worker killed between the broker handing it out
-    and kombu recording it) is re-enqueued once it is overdue."""
+    """A queued row whose message vanished (a worker killed between the broker handing it
+    out and kombu recording it) is re-enqueued once the queue stayed empty for the grace;
+    a row whose holder died is re-enqueued once its lease lapsed."""
     from producer.batch import SubmitOptions, Submitter, output_root
     from worker.providers import get_provider
-    from worker.tasks import republish
+    from worker.tasks import queue_depth, republish
     from worker.watchdog import Watchdog
 
     settings = Settings(broker_url=redis_url, redis_url=redis_url, allow_private_urls=True)
@@ -294,19 +294,20 @@ def test_a_lost_message_is_brought_back_by_the_watchdog(
     lost: list[object] = []
     submitter = Submitter(store, lost.extend, lambda name: get_provider(name, settings))
     options = SubmitOptions(batch_id="lost1", output=output_root(str(tmp_path / "out")),
-                            defaults=defaults, grace_s=0.5)  # fmt: skip
-    submitter.submit(
-        read_manifest(io.BytesIO(f"id,image,prompt\nr,{url},p\n".encode()), "csv", defaults),
-        options,
-    )
-    assert len(lost) == 1 and redis_client.llen("bgswap") == 0  # type: ignore[attr-defined]
-    watchdog = Watchdog(store, republish, grace_s=0.5, interval_s=0.2)
+                            defaults=defaults)  # fmt: skip
+    manifest = f"id,image,prompt\nr,{url},p\nheld,{url},p\n"
+    submitter.submit(read_manifest(io.BytesIO(manifest.encode()), "csv", defaults), options)
+    assert len(lost) == 2 and redis_client.llen("bgswap") == 0  # type: ignore[attr-defined]
+    # Row 1 was adopted by a worker process that died at once: its lease lapses.
+    store.adopt("lost1", 1, "t", "dead-worker", 0.3)
+    watchdog = Watchdog(store, republish, queue_depth, grace_s=0.5, interval_s=0.2)
     with inprocess_worker(app, concurrency=1):
         watchdog.start()
         try:
             meta = runner.wait_for_batch(store, "lost1", lambda c, t: None, timeout_s=30)
         finally:
             watchdog.stop()
-    (line,) = read_lines(Path(meta["manifest_url"]).read_text())
-    assert line["status"] == "succeeded"
-    assert store.claim_overdue(time.time() + 3600, 1.0) == []  # terminal rows are forgotten
+    lines = read_lines(Path(meta["manifest_url"]).read_text())
+    assert [(x["id"], x["status"]) for x in lines] == [("r", "succeeded"), ("held", "succeeded")]
+    assert lines[1]["attempts"] == 2  # the dead worker's adoption, then the new one
+    assert "lost1" not in store.live_batches()  # done: the watchdog stops looking

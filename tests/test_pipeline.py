@@ -162,8 +162,8 @@ def test_a_message_that_keeps_coming_back_fails_its_row(
     url = files.add("/p.png", png_bytes(), "image/png")
     harness.submit(f"id,image,prompt\nr1,{url},p\n")
     # two deliveries that died mid-row (a worker killed): started but never finished
-    harness.store.start("b1", 0, "t")
-    harness.store.start("b1", 0, "t")
+    harness.store.adopt("b1", 0, "t", harness.deps.token, 60)
+    harness.store.adopt("b1", 0, "t", harness.deps.token, 60)
     assert harness.deliver(0) is None
     (line,) = harness.lines()
     assert line["error"]["code"] == "job.too_many_deliveries"  # type: ignore[index]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
@@ -37,7 +38,7 @@ def test_counts_follow_transitions_and_completion_fires_once(redis_client: redis
     assert store.counts("b")["queued"] == 3
     assert store.counts("b")["failed"] == 1
     assert store.seal("b", 4) is False
-    start = store.start("b", 0, "t0")
+    start = store.adopt("b", 0, "t0", "w1", 60)
     assert start.verdict is StartVerdict.RUN and start.attempts == 1
     assert store.counts("b")["running"] == 1
     assert (
@@ -46,10 +47,10 @@ def test_counts_follow_transitions_and_completion_fires_once(redis_client: redis
     )
     # a second finish of the same row (a redelivered message) changes nothing
     assert store.finish("b", 0, "failed", {"status": "failed"}) is FinishVerdict.ALREADY_TERMINAL
-    assert store.start("b", 0, "t1").verdict is StartVerdict.ALREADY_TERMINAL
-    store.start("b", 1, "t0")
+    assert store.adopt("b", 0, "t1", "w1", 60).verdict is StartVerdict.ALREADY_TERMINAL
+    store.adopt("b", 1, "t0", "w1", 60)
     assert store.finish("b", 1, "failed", {"status": "failed"}) is FinishVerdict.RECORDED
-    store.start("b", 2, "t0")
+    store.adopt("b", 2, "t0", "w1", 60)
     assert (
         store.finish("b", 2, "succeeded", {"status": "succeeded"}) is FinishVerdict.BATCH_COMPLETE
     )
@@ -74,11 +75,11 @@ def test_seal_completes_a_batch_whose_rows_all_finished(redis_client: redis_lib.
 
 def test_rows_finishing_before_seal_do_not_complete_early(redis_client: redis_lib.Redis) -> None:
     store = make_batch(redis_client, "d", 1)
-    store.start("d", 0, "t")
+    store.adopt("d", 0, "t", "w1", 60)
     assert store.finish("d", 0, "succeeded", {}) is FinishVerdict.RECORDED  # still submitting
     store.add_rows("d", [(1, "{}", "queued", None)])
     assert store.seal("d", 2) is False
-    store.start("d", 1, "t")
+    store.adopt("d", 1, "t", "w1", 60)
     assert store.finish("d", 1, "succeeded", {}) is FinishVerdict.BATCH_COMPLETE
 
 
@@ -88,7 +89,7 @@ def test_concurrent_finishes_complete_exactly_once(redis_client: redis_lib.Redis
     store.seal("e", n)
 
     def finish_twice(i: int) -> list[FinishVerdict]:
-        store.start("e", i, "t")
+        store.adopt("e", i, "t", "w1", 60)
         return [store.finish("e", i, "succeeded", {}) for _ in range(2)]
 
     with ThreadPoolExecutor(8) as pool:
@@ -101,10 +102,10 @@ def test_concurrent_finishes_complete_exactly_once(redis_client: redis_lib.Redis
 def test_release_and_requeue(redis_client: redis_lib.Redis) -> None:
     store = make_batch(redis_client, "f", 1)
     store.seal("f", 1)
-    store.start("f", 0, "t")
+    store.adopt("f", 0, "t", "w1", 60)
     store.release("f", 0)
     assert store.counts("f")["queued"] == 1 and store.counts("f")["running"] == 0
-    assert store.start("f", 0, "t").attempts == 2
+    assert store.adopt("f", 0, "t", "w1", 60).attempts == 2
     store.finish("f", 0, "failed", {"status": "failed"})
     assert store.requeue_failed("f", 0)
     assert store.meta("f")["status"] == "open"
@@ -123,7 +124,7 @@ def test_provider_queue_counts_running_rows_waiting_in_a_provider_queue(
     store = make_batch(redis_client, "q", 4)
     store.seal("q", 4)
     for index in range(3):
-        store.start("q", index, "t")
+        store.adopt("q", index, "t", "w1", 60)
     store.save_provider_memory("q", 0, {"state": "IN_QUEUE", "queue_position": 7})
     store.save_provider_memory("q", 1, {"state": "IN_QUEUE", "queue_position": 2})
     store.save_provider_memory("q", 2, {"state": "IN_PROGRESS", "queue_position": None})
@@ -133,3 +134,69 @@ def test_provider_queue_counts_running_rows_waiting_in_a_provider_queue(
     store.finish("q", 0, "succeeded", {})
     store.finish("q", 1, "succeeded", {})
     assert provider_queue(store, "q") is None
+
+
+def test_a_row_held_by_a_live_process_is_not_taken_by_another(
+    redis_client: redis_lib.Redis,
+) -> None:
+    store = make_batch(redis_client, "h", 2)
+    assert store.adopt("h", 0, "t", "w1", 60).verdict is StartVerdict.RUN
+    refused = store.adopt("h", 0, "t", "w2", 60)
+    assert refused.verdict is StartVerdict.HELD
+    assert store.adopt("h", 0, "t", "w1", 60).attempts == 2  # its holder may take it again
+    assert next(store.records("h", 1)).attempts == 2  # the refusal counted nothing
+    # A lapsed lease is no hold: the next process takes the row.
+    assert store.adopt("h", 1, "t", "w1", 0.05).verdict is StartVerdict.RUN
+    time.sleep(0.1)
+    assert store.adopt("h", 1, "t", "w2", 60).verdict is StartVerdict.RUN
+
+
+def test_heartbeat_keeps_leases_and_reports_rows_taken_over(
+    redis_client: redis_lib.Redis,
+) -> None:
+    store = make_batch(redis_client, "hb", 3)
+    for index in range(3):
+        store.adopt("hb", index, "t", "w1", 0.3)
+    time.sleep(0.15)
+    assert store.heartbeat("hb", [0, 1, 2], "w1", 0.3) == []  # pushed on: 0.3 s from now
+    time.sleep(0.2)  # past the first lease, within the pushed one
+    assert store.claim_lapsed("hb", reclaim_s=60) == []
+    time.sleep(0.2)
+    assert sorted(store.claim_lapsed("hb", reclaim_s=60)) == [0, 1, 2]
+    assert store.counts("hb")["queued"] == 3 and store.counts("hb")["running"] == 0
+    assert store.claim_lapsed("hb", reclaim_s=60) == []  # one watchdog takes each row
+    assert sorted(store.heartbeat("hb", [0, 1, 2], "w1", 60)) == [0, 1, 2]  # w1 lost them
+    assert store.adopt("hb", 0, "t", "w2", 60).verdict is StartVerdict.RUN
+
+
+def test_release_with_a_token_only_hands_back_a_row_still_held(
+    redis_client: redis_lib.Redis,
+) -> None:
+    store = make_batch(redis_client, "rl", 1)
+    store.adopt("rl", 0, "t", "w1", 60)
+    assert not store.release("rl", 0, "w2")
+    assert store.counts("rl")["running"] == 1
+    assert store.release("rl", 0, "w1")
+    assert store.counts("rl")["queued"] == 1
+    assert store.adopt("rl", 0, "t", "w2", 60).verdict is StartVerdict.RUN
+
+
+def test_finish_ends_the_hold_and_done_batches_leave_the_live_set(
+    redis_client: redis_lib.Redis,
+) -> None:
+    store = make_batch(redis_client, "lv", 1)
+    assert "lv" in store.live_batches()
+    store.adopt("lv", 0, "t", "w1", 0.05)
+    store.finish("lv", 0, "succeeded", {})
+    time.sleep(0.1)
+    assert store.claim_lapsed("lv", reclaim_s=60) == []  # finished rows have no lease
+    store.retire("lv")
+    assert "lv" not in store.live_batches()
+
+
+def test_stalled_for_measures_from_the_first_sighting(redis_client: redis_lib.Redis) -> None:
+    store = make_batch(redis_client, "st", 1)
+    assert store.stalled_for("st", 100.0) == 0.0
+    assert store.stalled_for("st", 130.0) == 30.0
+    assert store.stalled_for("st", None) == 0.0
+    assert store.stalled_for("st", 140.0) == 0.0

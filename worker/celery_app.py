@@ -9,6 +9,7 @@ from celery import Celery
 from worker.settings import Settings, get_settings
 
 app = Celery("bgswap", include=["worker.tasks"])
+QUEUE = "bgswap"
 
 # httpx logs every request line at INFO, presigned query strings (signatures) included:
 # no secret may reach the logs, so these libraries only speak up for warnings.
@@ -33,13 +34,14 @@ def apply_config(settings: Settings) -> None:
         # Progress and results live in our own Redis records, not in Celery results.
         task_ignore_result=True,
         task_store_errors_even_if_ignored=False,
-        task_default_queue="bgswap",
+        task_default_queue=QUEUE,
         # Visibility timeout: how long an unacked message may be held before Redis
-        # hands it to another worker. Jobs are steps (a fetch, a submit, one poll, an
-        # upload: each bounded by its HTTP timeouts, about a minute at worst), never the
-        # provider's whole wait: a waiting row goes back to the queue with a countdown
-        # of at most half this. So 150 s exceeds any healthy hold, and a message
-        # orphaned by a SIGKILLed worker comes back within 150 s + the 10 s sweep.
+        # hands it to another worker. A row's message is held only until the worker's
+        # engine adopts the row (worker/tasks.py: at most 20 s waiting for room), never
+        # for the provider's wait, and no row message carries a countdown. So 150 s
+        # exceeds any healthy hold by far, and a message orphaned by a SIGKILLed worker
+        # comes back within 150 s + the 10 s sweep (rows it had adopted come back
+        # sooner, when their lease lapses: worker/engine.py).
         # kombu sweeps for expired unacked messages every interval x throttle seconds
         # (100 s by default); every 10 s bounds how late an orphan comes back.
         broker_transport_options={
@@ -51,10 +53,11 @@ def apply_config(settings: Settings) -> None:
         # Late-acked tasks would otherwise run twice per broker connection loss.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        # Jobs spend their time waiting on HTTP and in Pillow/numpy (which release
-        # the GIL): threads keep several rows in flight per process cheaply.
+        # A delivery only adopts its row into the engine (worker/engine.py has the step
+        # threads, BGSWAP_WORKER_CONCURRENCY of them): two threads take messages while
+        # one waits for room.
         worker_pool="threads",
-        worker_concurrency=settings.worker_concurrency,
+        worker_concurrency=2,
         worker_hijack_root_logger=False,
     )
 

@@ -1,26 +1,27 @@
 """The plain, typed core of a job: everything a Celery task does, without Celery.
 
-``handle_delivery`` is what one delivery of a row's message does:
+A row's life in a worker process (worker/engine.py runs it):
 
-    start (Redis: queued -> running, attempts + 1; a terminal row is skipped)
-      -> process_item: provider.step(job): a submit or one poll
+    begin (Redis: queued -> running, attempts + 1, a lease for this process;
+           a terminal row, or one another live process holds, is skipped)
+      -> advance, as often as needed: process_item: provider.step(job): a submit or a poll
            -> done: upload every output (presigned PUT)
-              -> finish (Redis: running -> succeeded | failed, once) -> finalize when last
-           -> Wait / Deferred: back to queued (not an attempt), countdown returned
+              -> finish (Redis: running -> succeeded | failed, once; the lease ends)
+                 -> finalize when it was the last row
+           -> Later(wait | retry | admission): step again after that long
 
-and it returns the countdown of the next delivery, or None when the row is terminal.
-Each live row also carries a due-by time for the watchdog (worker/watchdog.py).
+``handle_delivery`` is the same, one step per delivery through the queue.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from worker.errors import (
     BgswapError,
@@ -41,6 +42,8 @@ from worker.storage import Storage, output_destination
 
 log = logging.getLogger("bgswap.worker")
 
+MAX_RETRY_AFTER_S = 600.0
+
 
 def utcnow_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -57,6 +60,8 @@ class Deps:
     on_batch_complete: Callable[[str], None]
     rand: Callable[[], float]
     now: Callable[[], str] = utcnow_iso
+    # This process's name on the rows it holds (state.py: leases).
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # A provider's global limits (worker/limits.py), None for free providers.
     limits: Callable[[str], ProviderLimits | None] = lambda name: None
     _providers: dict[str, Provider] = field(default_factory=dict)
@@ -145,39 +150,47 @@ def store_outputs(job: Job, result: ProviderResult, storage: Storage) -> list[di
     return stored
 
 
-def handle_delivery(batch_id: str, index: int, deps: Deps) -> float | None:
-    """Process one delivery of a row's message; returns a retry countdown or None."""
+@dataclass(frozen=True)
+class Later:
+    """The row is not done: step it again in ``seconds``.
+
+    ``wait``: the provider is working (not an attempt); ``retry``: a retryable error (the
+    next step is a new attempt); ``admission``: no rate token or in-flight slot yet for
+    ``provider`` (nothing was tried, not an attempt)."""
+
+    seconds: float
+    kind: Literal["wait", "retry", "admission"]
+    provider: str
+
+
+def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
+    """Take the row for this process (a lease in Redis); returns the job and its attempt
+    number, or None when there is nothing to do (terminal, held by another live process,
+    or failed here for coming back too often)."""
     store = deps.store
-    started = store.start(batch_id, index, deps.now())
+    started = store.adopt(batch_id, index, deps.now(), deps.token, deps.settings.row_lease_s)
     if started.verdict is StartVerdict.ALREADY_TERMINAL:
         log.info("row %s:%d already terminal, delivery ignored", batch_id, index)
-        store.forget(batch_id, index)
         return None
-    grace = deps.settings.row_grace_s
-    store.expect(batch_id, index, grace, time.time())  # a worker dying mid-step: the backstop
-    delay = _deliver(batch_id, index, deps, started.attempts)
-    if delay is not None:
-        store.expect(batch_id, index, delay + grace, time.time())
-    return delay
-
-
-def _deliver(batch_id: str, index: int, deps: Deps, attempts: int) -> float | None:
-    store = deps.store
+    if started.verdict is StartVerdict.HELD:
+        log.info("row %s:%d is held by another worker, delivery ignored", batch_id, index)
+        return None
     raw = store.job(batch_id, index)
     if raw is None:
         raise LookupError(f"{batch_id} row {index} has no job record")
     job = Job.model_validate_json(raw)
-    if attempts > deps.settings.max_deliveries:
+    if started.attempts > deps.settings.max_deliveries:
         err = PermanentError(
             Codes.JOB_TOO_MANY_DELIVERIES,
-            f"delivered {attempts} times without finishing (worker crashes?)",
+            f"delivered {started.attempts} times without finishing (worker crashes?)",
         )
         _finish(job, deps, _failure(job, err))
         return None
-    return _run(job, deps, attempts)
+    return job, started.attempts
 
 
-def _run(job: Job, deps: Deps, attempt: int) -> float | None:
+def advance(job: Job, deps: Deps, attempt: int) -> Later | None:
+    """One step of a held row: its terminal state is recorded (None), or it goes on later."""
     try:
         record = process_item(job, deps)
     except RowCanceled as err:
@@ -192,34 +205,49 @@ def _run(job: Job, deps: Deps, attempt: int) -> float | None:
         _finish(job, deps, _failure(job, internal))
         return None
     if isinstance(record, Wait):
-        # The provider is working: the row waits in the queue, not in a thread. A wait
-        # is not an attempt, and the countdown stays far below the visibility timeout.
-        deps.store.defer(job.batch_id, job.index)
-        return min(record.seconds, deps.settings.visibility_timeout_s / 2)
+        return Later(record.seconds, "wait", job.spec.provider)
     _finish(job, deps, record)
     return None
 
 
-def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> float | None:
+def handle_delivery(batch_id: str, index: int, deps: Deps) -> float | None:
+    """One delivery through the queue: take the row, one step, and give it back to the
+    queue when it is not done. Returns the countdown of its next delivery, or None.
+
+    Workers do not run rows this way (worker/engine.py holds a row between its steps);
+    this single-step form drives rows one step at a time in tests and tools."""
+    begun = begin(batch_id, index, deps)
+    if begun is None:
+        return None
+    job, attempt = begun
+    later = advance(job, deps, attempt)
+    if later is None:
+        return None
+    deps.store.release(batch_id, index)
+    if later.kind != "retry":
+        deps.store.uncount_attempt(batch_id, index)
+    return min(later.seconds, deps.settings.visibility_timeout_s / 2)
+
+
+def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | None:
     s = deps.settings
     if isinstance(err, Deferred):
         # Waiting for a rate token or a slot is not an attempt: nothing was tried.
-        deps.store.defer(job.batch_id, job.index)
         wait = (err.retry_after_s or 1.0) * (1.0 + 0.2 * deps.rand())  # spread the herd
-        return min(wait, s.visibility_timeout_s / 2)
+        return Later(wait, "admission", job.spec.provider)
     delay = retry_delay(
         err,
         attempt,
         max_attempts=s.max_attempts,
         base_s=s.retry_base_s,
         cap_s=s.retry_cap_s,
-        max_countdown_s=s.visibility_timeout_s / 2,
+        # A held row may wait out a long Retry-After: the engine keeps it, no message does.
+        max_countdown_s=max(s.retry_cap_s, MAX_RETRY_AFTER_S),
         rand=deps.rand,
     )
     if delay is not None:
         log.warning("row %s: %s; retry %d in %.1fs", job.job_id, err.code, attempt, delay)
-        deps.store.release(job.batch_id, job.index)
-        return delay
+        return Later(delay, "retry", job.spec.provider)
     if err.retryable:
         err = PermanentError(
             Codes.JOB_RETRIES_EXHAUSTED, f"gave up after {attempt} attempts: {err.message}"
@@ -248,7 +276,6 @@ def _finish(job: Job, deps: Deps, record: dict[str, Any]) -> None:
     verdict = deps.store.finish(
         job.batch_id, job.index, record["status"], record, cost_usd=record.get("cost_usd", 0.0)
     )
-    deps.store.forget(job.batch_id, job.index)
     error = record.get("error")
     log.info("row %s %s%s", job.job_id, record["status"], f" ({error['code']})" if error else "")
     if verdict is FinishVerdict.BATCH_COMPLETE:
@@ -272,5 +299,6 @@ def finalize(batch_id: str, deps: Deps) -> str | None:
     finally:
         path.unlink(missing_ok=True)
     deps.store.set_meta(batch_id, status="done", manifest_url=obj.url, finished_at=deps.now())
+    deps.store.retire(batch_id)
     log.info("batch %s done: manifest at %s", batch_id, obj.url)
     return obj.url

@@ -31,9 +31,9 @@ def retry_delay(
 ) -> float | None:
     """Seconds until the next attempt, or None when the row must fail now.
 
-    Retry-After is honoured as a floor. Everything is clamped to ``max_countdown_s``:
-    a Celery countdown longer than the broker's visibility timeout gets the message
-    redelivered while it waits, i.e. duplicated.
+    Retry-After is honoured as a floor. Everything is clamped to ``max_countdown_s``
+    (through the queue: a Celery countdown longer than the broker's visibility timeout
+    gets the message redelivered while it waits, i.e. duplicated).
     """
     if not error.retryable or attempt >= max_attempts:
         return None

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from worker.engine import Engine
 from worker.fetch import SourceFetcher
 from worker.limits import BackgroundLoop, ProviderLimits, provider_limits, redis_backends
 from worker.pipeline import Deps
@@ -18,22 +19,54 @@ _lock = threading.Lock()
 _deps: Deps | None = None
 _settings: Settings | None = None
 _on_complete: Callable[[str], None] | None = None
+_republish: Callable[[str, int], None] | None = None
+_engine: Engine | None = None
 
 
 def configure(settings: Settings) -> None:
-    """Replace the process's settings (embedded runs, tests); resources are rebuilt lazily."""
+    """Replace the process's settings (embedded runs, tests); resources are rebuilt lazily
+    (an engine running with the old ones hands its rows back first)."""
     global _deps, _settings  # noqa: PLW0603 - one wiring point per process
+    close_engine()
     with _lock:
         _settings = settings
         _deps = None
 
 
-def set_on_complete(callback: Callable[[str], None]) -> None:
-    """What a worker does when its row completes a batch (enqueue the finalizer)."""
-    global _deps, _on_complete  # noqa: PLW0603
+def set_publishers(
+    on_complete: Callable[[str], None], republish: Callable[[str, int], None]
+) -> None:
+    """How a worker enqueues the finalizer of a batch it completed, and a row's message."""
+    global _deps, _on_complete, _republish  # noqa: PLW0603
     with _lock:
-        _on_complete = callback
+        _on_complete = on_complete
+        _republish = republish
         _deps = None
+
+
+def get_engine() -> Engine:
+    """This process's engine (worker/engine.py), started on first use."""
+    global _engine  # noqa: PLW0603
+    deps = get_deps()
+    with _lock:
+        if _engine is None:
+            if _republish is None:
+                raise RuntimeError("worker.runtime.set_publishers(...) was never called")
+            _engine = Engine(
+                deps,
+                _republish,
+                threads=deps.settings.worker_concurrency,
+                max_rows=deps.settings.worker_max_rows,
+            )
+        return _engine
+
+
+def close_engine() -> int:
+    """Warm shutdown: hand the engine's held rows back to the queue; returns how many."""
+    global _engine
+    with _lock:
+        engine, _engine = _engine, None
+    return engine.close() if engine is not None else 0
 
 
 def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]:
@@ -78,6 +111,6 @@ def get_deps() -> Deps:
     with _lock:
         if _deps is None:
             if _on_complete is None:
-                raise RuntimeError("worker.runtime.configure(on_complete=...) was never called")
+                raise RuntimeError("worker.runtime.set_publishers(...) was never called")
             _deps = build_deps(_settings or get_settings(), _on_complete)
         return _deps

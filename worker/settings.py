@@ -91,9 +91,17 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=1.0, gt=0)
     retry_cap_s: float = Field(default=60.0, gt=0)
 
-    # Threads per worker process. The only provider today (local) is CPU-bound, so
+    # Step threads per worker process (worker/engine.py). A thread is busy for one step
+    # (a submit, a poll, a download and upload), never for a provider's whole wait, so a
+    # few threads keep hundreds of requests in flight. The local provider is CPU-bound:
     # one thread per core; measured on 2 cores, 8 threads were slower and twice the RSS.
     worker_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    # Rows one worker process holds at most (running, waiting on their provider, or
+    # waiting for a rate token or slot). It takes more only while a step thread is idle.
+    worker_max_rows: int = Field(default=1000, ge=1)
+    # A held row's lease: a worker process that dies (its heartbeat stops) has its rows
+    # taken over by another process's watchdog within this plus the watchdog interval.
+    row_lease_s: float = Field(default=60.0, ge=3)
     visibility_timeout_s: int = Field(default=150, ge=10)
 
     @field_validator("runware_rate", "fal_rate")
@@ -105,13 +113,14 @@ class Settings(BaseSettings):
 
     @property
     def row_grace_s(self) -> float:
-        """How long past its expected delivery a row may go unseen before the watchdog
-        re-enqueues it: after the broker's own restore of unacked messages had its turn."""
+        """How long a queued row may go unseen, with the broker's queue empty, before the
+        watchdog re-enqueues it: after the broker's own restore of unacked messages (held
+        by a dead worker) had its turn."""
         return self.visibility_timeout_s + 15.0
 
     @property
     def watchdog_interval_s(self) -> float:
-        return min(10.0, self.row_grace_s / 3)
+        return min(10.0, self.row_lease_s / 3)
 
     @property
     def effective_broker_url(self) -> str:

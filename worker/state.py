@@ -12,8 +12,16 @@ Lua scripts below may touch all of them atomically):
     bgswap:{B}:counts    hash  state -> number of rows in it
     bgswap:{B}:provider  hash  index -> the provider's own ids for the row (task UUID, ...)
     bgswap:{B}:halt      hash  provider -> why it was stopped for this batch (auth, credit)
+    bgswap:{B}:lease     hash  index -> token of the worker process holding the row
+    bgswap:{B}:due       zset  index -> when that hold lapses (ms, Redis clock)
     bgswap:batches       zset  batch id by creation time
-    bgswap:due           zset  "batch|index" of every non-terminal row -> when it is overdue
+    bgswap:live          set   batches not yet done (what the watchdog looks at)
+
+A worker process *holds* the rows it works on (worker/engine.py): ``adopt`` gives it a
+lease, its heartbeat pushes the lease on, ``finish`` or a hand-back ends it. A lapsed
+lease is how a dead worker is noticed: the watchdog ``claim``s the row and re-enqueues
+it, and ``adopt`` refuses a row another live process holds, so a duplicate message never
+makes two processes work on one row.
 
 Batch status: submitting -> open -> finalizing -> done. Completion is counted, not
 chorded: the transition that makes ``terminal == total`` on an open batch flips it
@@ -37,6 +45,7 @@ ALL_STATES = ("queued", "running", *TERMINAL_STATES)
 class StartVerdict(StrEnum):
     RUN = "run"
     ALREADY_TERMINAL = "terminal"
+    HELD = "held"  # another live worker process holds the row: leave it alone
 
 
 class FinishVerdict(StrEnum):
@@ -45,12 +54,24 @@ class FinishVerdict(StrEnum):
     ALREADY_TERMINAL = "terminal"
 
 
-# KEYS: state, counts, attempts, started; ARGV: index, now
-_START = """
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: state, counts, attempts, started, lease, due; ARGV: index, now, token, lease ms
+_ADOPT = (
+    _NOW_MS
+    + """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur == false then return {'missing', 0} end
 if cur == 'succeeded' or cur == 'failed' or cur == 'canceled' or cur == 'skipped' then
   return {'terminal', tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')}
+end
+local holder = redis.call('HGET', KEYS[5], ARGV[1])
+if holder and holder ~= ARGV[3] then
+  local due = redis.call('ZSCORE', KEYS[6], ARGV[1])
+  if due and tonumber(due) > now then return {'held', 0} end
 end
 if cur ~= 'running' then
   redis.call('HSET', KEYS[1], ARGV[1], 'running')
@@ -58,13 +79,36 @@ if cur ~= 'running' then
   redis.call('HINCRBY', KEYS[2], 'running', 1)
 end
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[1])
 return {'run', redis.call('HINCRBY', KEYS[3], ARGV[1], 1)}
 """
+)
 
-# KEYS: state, counts, result, meta; ARGV: index, new state, result json, cost, allowed from...
+# KEYS: lease, due; ARGV: token, lease ms, index... Pushes on the holds still ours and
+# returns the rows that are not ours any more (claimed by a watchdog: we were presumed dead).
+_HEARTBEAT = (
+    _NOW_MS
+    + """
+local lost = {}
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+)
+
+# KEYS: state, counts, result, meta, lease, due; ARGV: index, new state, result json, cost,
+# allowed from...
 _FINISH = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur == false then return 'missing' end
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
 local allowed = false
 for i = 5, #ARGV do if ARGV[i] == cur then allowed = true end end
 if not allowed then return 'terminal' end
@@ -113,26 +157,41 @@ return 1
 """
 
 
-# KEYS: due; ARGV: now, grace, limit. Overdue rows, each pushed `grace` later so that
-# one watchdog (of many) takes it.
-_CLAIM_OVERDUE = """
-local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+# KEYS: state, counts, lease, due; ARGV: limit, reclaim ms. Rows whose hold lapsed: the
+# lease is dropped and the row queued again; its due time moves `reclaim` on, so one
+# watchdog (of many) takes it, and takes it again if the new message is lost too.
+_CLAIM = (
+    _NOW_MS
+    + """
+local rows = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, ARGV[1])
 for _, row in ipairs(rows) do
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), row)
+  redis.call('HDEL', KEYS[3], row)
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), row)
+  if redis.call('HGET', KEYS[1], row) == 'running' then
+    redis.call('HSET', KEYS[1], row, 'queued')
+    redis.call('HINCRBY', KEYS[2], 'running', -1)
+    redis.call('HINCRBY', KEYS[2], 'queued', 1)
+  end
 end
 return rows
 """
+)
 
-DUE_KEY = "bgswap:due"
-
-# KEYS: state, counts; ARGV: index. A running row whose retry is scheduled.
+# KEYS: state, counts, lease, due; ARGV: index, token ('' = any). A running row goes back
+# to queued and its hold ends (a retry through the queue, or a hand-back at shutdown).
 _RELEASE = """
+local holder = redis.call('HGET', KEYS[3], ARGV[1])
+if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], 'queued')
 redis.call('HINCRBY', KEYS[2], 'running', -1)
 redis.call('HINCRBY', KEYS[2], 'queued', 1)
 return 1
 """
+
+LIVE_KEY = "bgswap:live"
 
 
 def _key(batch_id: str, part: str) -> str:
@@ -165,12 +224,13 @@ class BatchStore:
         # redis-py types every reply as bytes | str whatever decode_responses says;
         # this client decodes, and the methods below state the real types.
         self.redis: Any = client
-        self._start = client.register_script(_START)
+        self._adopt = client.register_script(_ADOPT)
+        self._heartbeat = client.register_script(_HEARTBEAT)
         self._finish = client.register_script(_FINISH)
         self._seal = client.register_script(_SEAL)
         self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
-        self._claim_overdue = client.register_script(_CLAIM_OVERDUE)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str) -> BatchStore:
@@ -187,31 +247,43 @@ class BatchStore:
         pipe.hset(key, mapping={**meta, "cost_usd": "0"})
         pipe.hset(_key(batch_id, "counts"), mapping=dict.fromkeys(ALL_STATES, 0))
         pipe.zadd("bgswap:batches", {batch_id: created_ts})
+        pipe.sadd(LIVE_KEY, batch_id)
         pipe.execute()
         return True
 
-    # -- the watchdog's view: when each live row must be seen again --------------------
+    # -- holds: which worker process works on a row, until when ---------------------
 
-    def expect(self, batch_id: str, index: int, within_s: float, now: float) -> None:
-        """The row's next delivery is due before now + within_s, or it is lost."""
-        self.redis.zadd(DUE_KEY, {f"{batch_id}|{index}": now + within_s})
+    def heartbeat(
+        self, batch_id: str, indices: Sequence[int], token: str, lease_s: float
+    ) -> list[int]:
+        """Push on this process's holds; returns the rows it does not hold any more."""
+        keys = [_key(batch_id, "lease"), _key(batch_id, "due")]
+        lost = self._heartbeat(keys=keys, args=[token, int(lease_s * 1000), *indices])
+        return [int(i) for i in lost]
 
-    def expect_many(
-        self, batch_id: str, indices: Sequence[int], within_s: float, now: float
-    ) -> None:
-        if indices:
-            self.redis.zadd(DUE_KEY, {f"{batch_id}|{i}": now + within_s for i in indices})
+    def claim_lapsed(self, batch_id: str, reclaim_s: float, limit: int = 500) -> list[int]:
+        """Rows whose hold lapsed (their worker died), queued again for re-publishing."""
+        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due")]
+        rows = self._claim(keys=keys, args=[limit, int(reclaim_s * 1000)])
+        return [int(i) for i in rows]
 
-    def forget(self, batch_id: str, index: int) -> None:
-        self.redis.zrem(DUE_KEY, f"{batch_id}|{index}")
+    def live_batches(self) -> list[str]:
+        batches: set[str] = self.redis.smembers(LIVE_KEY)
+        return sorted(batches)
 
-    def claim_overdue(self, now: float, grace_s: float, limit: int = 500) -> list[tuple[str, int]]:
-        rows: list[str] = self._claim_overdue(keys=[DUE_KEY], args=[now, grace_s, limit])
-        claimed = []
-        for row in rows:
-            batch_id, _, index = row.rpartition("|")
-            claimed.append((batch_id, int(index)))
-        return claimed
+    def stalled_for(self, batch_id: str, now: float | None) -> float:
+        """How long the batch has been seen with queued rows and an empty broker queue:
+        ``now`` notes it (the first time is kept), None clears it."""
+        key = _key(batch_id, "meta")
+        if now is None:
+            self.redis.hdel(key, "stalled_since")
+            return 0.0
+        self.redis.hsetnx(key, "stalled_since", repr(now))
+        return now - float(self.redis.hget(key, "stalled_since") or now)
+
+    def retire(self, batch_id: str) -> None:
+        """The batch is done: the watchdog stops looking at it."""
+        self.redis.srem(LIVE_KEY, batch_id)
 
     def add_rows(self, batch_id: str, rows: Sequence[tuple[int, str, str, str | None]]) -> None:
         """Register rows ``(index, job json, state, result json)`` of a batch being submitted."""
@@ -259,12 +331,19 @@ class BatchStore:
         value: str | None = self.redis.hget(_key(batch_id, "jobs"), str(index))
         return value
 
-    def start(self, batch_id: str, index: int, now: str) -> StartResult:
-        keys = [_key(batch_id, p) for p in ("state", "counts", "attempts", "started")]
-        verdict, attempts = self._start(keys=keys, args=[index, now])
+    def adopt(self, batch_id: str, index: int, now: str, token: str, lease_s: float) -> StartResult:
+        """Take the row for this process (``token``) for ``lease_s``: queued -> running,
+        attempts + 1. A terminal row, or one another live process holds, is not taken."""
+        parts = ("state", "counts", "attempts", "started", "lease", "due")
+        keys = [_key(batch_id, p) for p in parts]
+        verdict, attempts = self._adopt(keys=keys, args=[index, now, token, int(lease_s * 1000)])
         if verdict == "missing":
             raise BatchNotFound(f"{batch_id} row {index}")
         return StartResult(StartVerdict(verdict), int(attempts))
+
+    def count_attempt(self, batch_id: str, index: int) -> int:
+        """A held row tries again (a retry): one more attempt."""
+        return int(self.redis.hincrby(_key(batch_id, "attempts"), str(index), 1))
 
     def started_at(self, batch_id: str, index: int) -> str | None:
         value: str | None = self.redis.hget(_key(batch_id, "started"), str(index))
@@ -281,16 +360,18 @@ class BatchStore:
         allowed_from: Sequence[str] = ("queued", "running"),
     ) -> FinishVerdict:
         """Record a row's terminal state once; later calls for the same row are no-ops."""
-        keys = [_key(batch_id, p) for p in ("state", "counts", "result", "meta")]
+        keys = [_key(batch_id, p) for p in ("state", "counts", "result", "meta", "lease", "due")]
         args: list[str | int] = [index, state, json.dumps(result), repr(cost_usd), *allowed_from]
         verdict = self._finish(keys=keys, args=args)
         if verdict == "missing":
             raise BatchNotFound(f"{batch_id} row {index}")
         return FinishVerdict(verdict)
 
-    def release(self, batch_id: str, index: int) -> None:
-        """A retry is scheduled: the row is queued again (not terminal, not running)."""
-        self._release(keys=[_key(batch_id, "state"), _key(batch_id, "counts")], args=[index])
+    def release(self, batch_id: str, index: int, token: str = "") -> bool:
+        """The row goes back to the queue (not terminal, not running) and its hold ends;
+        with a ``token``, only if that process still holds it."""
+        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due")]
+        return bool(self._release(keys=keys, args=[index, token]))
 
     def provider_memory(self, batch_id: str, index: int) -> dict[str, Any] | None:
         """What the provider saved for this row (its task id...), surviving worker deaths."""
@@ -319,15 +400,16 @@ class BatchStore:
         halts: dict[str, str] = self.redis.hgetall(_key(batch_id, "halt"))
         return halts
 
-    def defer(self, batch_id: str, index: int) -> None:
-        """Put a running row back without counting the delivery as an attempt (it waits
-        for a rate token or an in-flight slot: nothing was tried)."""
-        self.release(batch_id, index)
+    def uncount_attempt(self, batch_id: str, index: int) -> None:
+        """The delivery was no attempt (a wait, or no rate token or slot: nothing tried)."""
         self.redis.hincrby(_key(batch_id, "attempts"), str(index), -1)
 
     def requeue_failed(self, batch_id: str, index: int) -> bool:
         parts = ("state", "counts", "result", "meta", "attempts", "started", "provider")
-        return bool(self._requeue(keys=[_key(batch_id, p) for p in parts], args=[index]))
+        requeued = bool(self._requeue(keys=[_key(batch_id, p) for p in parts], args=[index]))
+        if requeued:
+            self.redis.sadd(LIVE_KEY, batch_id)
+        return requeued
 
     def indices_in_state(self, batch_id: str, state: str) -> Iterator[int]:
         for field, value in self.redis.hscan_iter(_key(batch_id, "state")):

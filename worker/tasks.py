@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from kombu.exceptions import ChannelError
 
-from worker.celery_app import app
+from worker.celery_app import QUEUE, app
 from worker.errors import RetryableError
 from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
-from worker.pipeline import finalize, handle_delivery
-from worker.runtime import get_deps, set_on_complete
+from worker.pipeline import finalize
+from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.watchdog import Watchdog
 
+log = logging.getLogger("bgswap.worker")
 
-# max_retries=None on the task itself: Celery reads `retry(max_retries=None)` as "the
-# default (3)", which would drop a row after its third wait. Our own limits bound the
-# real retries (BGSWAP_MAX_ATTEMPTS, BGSWAP_MAX_DELIVERIES); waits are unbounded by
-# design, each under the visibility timeout.
-@app.task(name=TASK_PROCESS_ROW, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def process_row(self: Any, batch_id: str, index: int) -> None:
-    delay = handle_delivery(batch_id, index, get_deps())
-    if delay is not None:
-        raise self.retry(countdown=delay)
+# How long a delivery waits for room in this process's engine before the row goes back
+# to the queue (for a process with room): far below the visibility timeout.
+ADOPT_WAIT_S = 20.0
+
+
+# The message only hands the row to this process's engine (worker/engine.py), which
+# steps it from there on: the message is acked at once, whatever the provider's wait.
+@app.task(name=TASK_PROCESS_ROW, ignore_result=True)  # type: ignore[untyped-decorator]
+def process_row(batch_id: str, index: int) -> None:
+    if not get_engine().adopt(batch_id, index, ADOPT_WAIT_S):
+        republish(batch_id, index)
 
 
 @app.task(name=TASK_FINALIZE_BATCH, bind=True)  # type: ignore[untyped-decorator]
@@ -41,11 +46,22 @@ def republish(batch_id: str, index: int) -> None:
     process_row.apply_async(args=(batch_id, index))
 
 
+def queue_depth() -> int:
+    """Messages waiting in the row queue (Redis or AMQP, through kombu)."""
+    with app.connection_for_read() as conn:
+        try:
+            declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+        except ChannelError:  # on Redis an empty queue does not exist: nothing waits
+            return 0
+        return int(declared.message_count)
+
+
 def start_watchdog() -> Watchdog:
     deps = get_deps()
     watchdog = Watchdog(
         deps.store,
         republish,
+        queue_depth,
         grace_s=deps.settings.row_grace_s,
         interval_s=deps.settings.watchdog_interval_s,
     )
@@ -59,4 +75,11 @@ def _watch(**_: Any) -> None:
     start_watchdog()
 
 
-set_on_complete(enqueue_finalize)
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # prefork children
+def _hand_back(**_: Any) -> None:
+    """Warm shutdown (SIGTERM): the rows this process holds go back to the queue."""
+    close_engine()
+
+
+set_publishers(enqueue_finalize, republish)

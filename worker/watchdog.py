@@ -1,14 +1,18 @@
-"""The backstop for lost messages: every live row must be seen again by a deadline.
+"""The backstop for dead workers and lost messages; every worker process runs one.
 
-Each row has a "due by" time in Redis (`bgswap:due`): set when it is enqueued, pushed on
-at every delivery and every wait, removed when the row is terminal. A message should
-always come (its own countdown, or kombu's restore of a dead worker's unacked messages
-after the visibility timeout), but a worker killed at the wrong instant can lose one
-between the broker handing it out and kombu recording it as unacked. So each worker
-process runs this thread: every few seconds it claims the rows that are overdue
-(atomically, so one watchdog takes each) and publishes their message again. A duplicate
-is harmless: a terminal row is skipped, and a paid provider resumes from the row's
-memory instead of paying again.
+Every few seconds it looks at each live batch (`bgswap:live`):
+
+- **Lapsed leases.** A row held by a worker process carries a lease that the process's
+  heartbeat pushes on (worker/engine.py). A lease that lapsed means the process died: the
+  row is claimed (atomically, so one watchdog of many takes it), queued again and its
+  message re-published. The new holder resumes from the provider's ids in Redis.
+- **Lost messages.** A queued row's message is in the broker's queue, or held unacked by
+  a worker (and restored by the broker after the visibility timeout if that worker dies).
+  A worker killed at the wrong instant can still lose one between the broker handing it
+  out and kombu recording it as unacked. So when a batch has queued rows while the
+  broker's queue has stayed empty for longer than the restore takes (``grace_s``), its
+  queued rows are re-published. A duplicate is harmless: a terminal row is skipped, and
+  a row another live process holds is left to it.
 """
 
 from __future__ import annotations
@@ -28,24 +32,46 @@ class Watchdog(threading.Thread):
         self,
         store: BatchStore,
         publish: Callable[[str, int], None],
+        queue_depth: Callable[[], int],
         *,
         grace_s: float,
         interval_s: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(name="bgswap-watchdog", daemon=True)
         self.store = store
         self.publish = publish
+        self.queue_depth = queue_depth
         self.grace_s = grace_s
         self.interval_s = interval_s
+        self.clock = clock
         self.stopping = threading.Event()
 
     def sweep(self) -> int:
-        """Re-publish every overdue row once; returns how many."""
-        rows = self.store.claim_overdue(time.time(), self.grace_s)
-        for batch_id, index in rows:
-            log.warning(
-                "row %s:%d is overdue (its message was lost?): re-enqueued", batch_id, index
-            )
+        """Re-publish every row found lost; returns how many."""
+        found = 0
+        depth: int | None = None
+        for batch_id in self.store.live_batches():
+            for index in self.store.claim_lapsed(batch_id, reclaim_s=self.grace_s):
+                log.warning("row %s:%d: its worker died; re-enqueued", batch_id, index)
+                self.publish(batch_id, index)
+                found += 1
+            if self.store.counts(batch_id)["queued"] == 0:
+                self.store.stalled_for(batch_id, None)
+                continue
+            depth = self.queue_depth() if depth is None else depth
+            found += self._stall(batch_id, depth)
+        return found
+
+    def _stall(self, batch_id: str, depth: int) -> int:
+        stalled = self.store.stalled_for(batch_id, self.clock() if depth == 0 else None)
+        if stalled < self.grace_s:
+            return 0
+        self.store.stalled_for(batch_id, None)
+        rows = list(self.store.indices_in_state(batch_id, "queued"))
+        log.warning("batch %s: %d queued rows but no message for them: re-enqueued",
+                    batch_id, len(rows))  # fmt: skip
+        for index in rows:
             self.publish(batch_id, index)
         return len(rows)
 

@@ -284,9 +284,10 @@ class Faults:
                     return fault
         return None
 
-    def pending(self) -> int:
+    def pending(self, scope: str | None = None) -> int:
+        """Uses left of the armed faults (of one scope, when given)."""
         with self._lock:
-            return sum(fault.times for fault in self._armed)
+            return sum(f.times for f in self._armed if scope is None or f.scope == scope)
 
 
 # --- outbound calls --------------------------------------------------------------------------

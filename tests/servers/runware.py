@@ -548,8 +548,8 @@ class FakeRunware(FakeHTTPServer):
                     return data
         return None
 
-    def pending_faults(self) -> int:
-        return self._faults.pending()
+    def pending_faults(self, task_type: str | None = None) -> int:
+        return self._faults.pending(task_type)
 
     # --- routing -----------------------------------------------------------------------------
 

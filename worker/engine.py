@@ -1,0 +1,263 @@
+"""The worker process's engine: it holds the rows it works on between their steps.
+
+A provider request waits seconds to minutes. A Celery message is the wrong place to wait
+(a countdown past the visibility timeout duplicates it; every step through the queue
+costs a publish, a delivery and an ack), and so is a thread. So a delivery of
+``process_row`` only *adopts* its row (``begin``: a lease in Redis, worker/state.py) and
+is acked; from then on this process steps the row itself:
+
+    adopt -> step (a pool thread: submit, poll, download + upload) -> Later(seconds)
+          -> a timer here (no thread, no message) -> step ... -> terminal (lease ends)
+
+- **Room.** A process takes a new row only while a step thread is idle and it holds
+  fewer than ``worker_max_rows``; ``adopt`` waits a little for room, then gives the row
+  back to the queue, so the broker spreads work over every process that has room.
+- **Leases.** A heartbeat thread pushes this process's leases on. If the process dies, its
+  leases lapse and another process's watchdog re-enqueues the rows; the provider's ids
+  are in Redis, so they resume polling, not paying. A row whose lease was taken over
+  (this process was presumed dead) is dropped here.
+- **Admission.** A row that finds no rate token or in-flight slot (``Later(admission)``)
+  waits in its provider's gate, first in first out: one probe at a time while the limit
+  says no, all of them while it says yes, and at once when a row of this process frees
+  a slot. Hundreds of waiting rows thus cost one Redis call per wait, not one each.
+- **Shutdown** (SIGTERM, warm): steps under way finish, then every held row is handed
+  back: its lease released, its message published again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from worker.jobs import Job
+from worker.pipeline import Deps, Later, advance, begin
+
+log = logging.getLogger("bgswap.engine")
+
+Key = tuple[str, int]
+TRANSIENT_WAIT_S = 5.0  # a step that failed outside the row (Redis unreachable): try again
+
+
+@dataclass
+class Held:
+    job: Job
+    attempt: int
+    retry: bool = False  # the next step is a new attempt
+    lost: bool = False  # another process took the row over: drop it
+    probe: bool = False  # this step is its gate's probe for admission
+
+
+@dataclass
+class Gate:
+    """Rows of one provider waiting for admission (a rate token or an in-flight slot)."""
+
+    waiting: deque[Key] = field(default_factory=deque)
+    not_before: float = 0.0
+    probing: int = 0
+    open: bool = True  # the last probe was admitted: let every waiting row try
+
+
+class Engine:
+    def __init__(
+        self,
+        deps: Deps,
+        republish: Callable[[str, int], None],
+        *,
+        threads: int,
+        max_rows: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deps = deps
+        self.republish = republish
+        self.threads = threads
+        self.max_rows = max_rows
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bgswap-step")
+        self._cv = threading.Condition()
+        self._held: dict[Key, Held] = {}
+        self._busy = 0  # steps given to the pool and not returned
+        self._timers: list[tuple[float, int, Key]] = []
+        self._seq = itertools.count()
+        self._gates: dict[str, Gate] = defaultdict(Gate)
+        self._closing = False
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._schedule, name="bgswap-scheduler", daemon=True),
+            threading.Thread(target=self._heartbeat, name="bgswap-heartbeat", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- taking rows --------------------------------------------------------------------
+
+    def adopt(self, batch_id: str, index: int, wait_s: float) -> bool:
+        """Take a delivered row if there is room within ``wait_s``; False: there was none
+        (the caller gives the row back to the queue)."""
+        key = (batch_id, index)
+        with self._cv:
+            if key in self._held:
+                return True  # a duplicate message of a row this process already holds
+            deadline = self.clock() + wait_s
+            while not self._closing and not self._has_room():
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            if self._closing:
+                return False
+            self._busy += 1  # the room is ours while `begin` talks to Redis
+        begun = None
+        try:
+            begun = begin(batch_id, index, self.deps)
+        finally:
+            with self._cv:
+                if begun is None:
+                    self._busy -= 1
+                    self._cv.notify_all()
+                else:
+                    self._held[key] = Held(job=begun[0], attempt=begun[1])
+                    self._pool.submit(self._step, key)
+        return True
+
+    def _has_room(self) -> bool:
+        # Rows already held come first: a poll that is due must not wait behind new rows.
+        due = bool(self._timers) and self._timers[0][0] <= self.clock()
+        return not due and self._busy < self.threads and len(self._held) < self.max_rows
+
+    def held(self) -> int:
+        with self._cv:
+            return len(self._held)
+
+    # -- stepping -----------------------------------------------------------------------
+
+    def _step(self, key: Key) -> None:
+        held = self._held[key]
+        later: Later | None = None
+        try:
+            if not held.lost:
+                if held.retry:
+                    held.attempt = self.deps.store.count_attempt(*key)
+                    held.retry = False
+                later = advance(held.job, self.deps, held.attempt)
+        except Exception as exc:  # Redis away, say: the row itself did nothing wrong
+            log.warning("row %s:%d step failed: %s; again in %gs", *key, exc, TRANSIENT_WAIT_S)
+            later = Later(TRANSIENT_WAIT_S, "wait", held.job.spec.provider)
+        with self._cv:
+            self._busy -= 1
+            self._stepped(key, held, later)
+            self._cv.notify_all()
+
+    def _stepped(self, key: Key, held: Held, later: Later | None) -> None:
+        gate = self._gates.get(held.job.spec.provider)
+        probed = held.probe
+        if probed and gate is not None:
+            held.probe = False
+            gate.probing = max(0, gate.probing - 1)
+        if later is not None and later.kind == "admission":
+            gate = self._gates[held.job.spec.provider]
+            gate.waiting.appendleft(key)  # it keeps its place in the line
+            gate.open = False
+            gate.not_before = max(gate.not_before, self.clock() + later.seconds)
+            return
+        if gate is not None and (probed or later is None):
+            # Admitted (the limit said yes), or terminal (a slot came free): the line moves.
+            gate.open = True
+            gate.not_before = 0.0
+        if held.lost or later is None:
+            del self._held[key]
+            return
+        held.retry = later.kind == "retry"
+        heapq.heappush(self._timers, (self.clock() + later.seconds, next(self._seq), key))
+
+    def _dispatch(self, key: Key) -> None:
+        self._busy += 1
+        self._pool.submit(self._step, key)
+
+    def _schedule(self) -> None:
+        """Fire timers and move admission lines; never blocks on I/O."""
+        with self._cv:
+            while not self._closing:
+                now = self.clock()
+                while self._timers and self._timers[0][0] <= now and self._busy < self.threads:
+                    _, _, key = heapq.heappop(self._timers)
+                    if key in self._held:
+                        self._dispatch(key)
+                for gate in self._gates.values():
+                    self._move(gate, now)
+                self._cv.wait(self._next_event(now))
+
+    def _move(self, gate: Gate, now: float) -> None:
+        if not gate.waiting or now < gate.not_before:
+            return
+        allowed = self.threads if gate.open else 1
+        while gate.waiting and gate.probing < allowed and self._busy < self.threads:
+            key = gate.waiting.popleft()
+            if (held := self._held.get(key)) is not None:
+                held.probe = True
+                gate.probing += 1
+                self._dispatch(key)
+
+    def _next_event(self, now: float) -> float:
+        times = [self._timers[0][0]] if self._timers else []
+        times += [g.not_before for g in self._gates.values() if g.waiting]
+        return max(0.001, min(times, default=now + 1.0) - now)
+
+    # -- leases -------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        lease = self.deps.settings.row_lease_s
+        while not self._stopped.wait(lease / 4):
+            try:
+                self.beat()
+            except Exception as exc:  # Redis away: leases last a while, try again soon
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+
+    def beat(self) -> int:
+        """Push this process's leases on; returns how many rows it lost to others."""
+        with self._cv:
+            per_batch: dict[str, list[int]] = defaultdict(list)
+            for batch_id, index in self._held:
+                per_batch[batch_id].append(index)
+        lost = 0
+        for batch_id, indices in per_batch.items():
+            for index in self.deps.store.heartbeat(
+                batch_id, indices, self.deps.token, self.deps.settings.row_lease_s
+            ):
+                log.warning("row %s:%d was taken over by another worker", batch_id, index)
+                with self._cv:
+                    if (held := self._held.get((batch_id, index))) is not None:
+                        held.lost = True
+                lost += 1
+        return lost
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Stop taking and stepping rows, let steps under way finish, and hand every held
+        row back to the queue; returns how many were handed back."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._busy and time.monotonic() < deadline:
+                self._cv.wait(0.1)
+            keys = [k for k, h in self._held.items() if not h.lost]
+            self._held.clear()
+        self._stopped.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        handed = 0
+        for batch_id, index in keys:
+            if self.deps.store.release(batch_id, index, self.deps.token):
+                self.republish(batch_id, index)
+                handed += 1
+        if handed:
+            log.info("handed %d held rows back to the queue", handed)
+        return handed
