@@ -59,9 +59,11 @@ class Gate:
     """Rows of one provider waiting for admission (a rate token or an in-flight slot)."""
 
     waiting: deque[Key] = field(default_factory=deque)
-    not_before: float = 0.0
+    not_before: float = 0.0  # after a refusal: when the limiter said to look again
     probing: int = 0
-    open: bool = True  # the last probe was admitted: let every waiting row try
+    # Rows that may try now: one per slot this process freed and one more per admission
+    # (a yes suggests room for the next), none after a refusal until ``not_before``.
+    credits: int = 0
 
 
 class Engine:
@@ -79,6 +81,8 @@ class Engine:
         self.threads = threads
         self.max_rows = max_rows
         self.clock = clock
+        if deps.memory_cache is None:
+            deps.memory_cache = {}  # the rows held here are this process's alone
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bgswap-step")
         self._cv = threading.Condition()
         self._held: dict[Key, Held] = {}
@@ -120,16 +124,24 @@ class Engine:
             with self._cv:
                 if begun is None:
                     self._busy -= 1
-                    self._cv.notify_all()
                 else:
-                    self._held[key] = Held(job=begun[0], attempt=begun[1])
-                    self._pool.submit(self._step, key)
+                    self._take(key, Held(job=begun[0], attempt=begun[1]))
+                self._cv.notify_all()
         return True
 
+    def _take(self, key: Key, held: Held) -> None:
+        self._held[key] = held
+        gate = self._gates.get(held.job.spec.provider)
+        if gate is not None and gate.waiting:
+            # Rows are already waiting for admission: this one joins the end of the line
+            # instead of asking the limiter only to be refused.
+            self._busy -= 1
+            gate.waiting.append(key)
+        else:
+            self._pool.submit(self._step, key)
+
     def _has_room(self) -> bool:
-        # Rows already held come first: a poll that is due must not wait behind new rows.
-        due = bool(self._timers) and self._timers[0][0] <= self.clock()
-        return not due and self._busy < self.threads and len(self._held) < self.max_rows
+        return self._busy < self.threads and len(self._held) < self.max_rows
 
     def held(self) -> int:
         with self._cv:
@@ -162,16 +174,21 @@ class Engine:
             gate.probing = max(0, gate.probing - 1)
         if later is not None and later.kind == "admission":
             gate = self._gates[held.job.spec.provider]
-            gate.waiting.appendleft(key)  # it keeps its place in the line
-            gate.open = False
+            if probed:
+                gate.waiting.appendleft(key)  # it keeps its place at the head of the line
+            else:
+                gate.waiting.append(key)
+            gate.credits = 0
             gate.not_before = max(gate.not_before, self.clock() + later.seconds)
             return
         if gate is not None and (probed or later is None):
             # Admitted (the limit said yes), or terminal (a slot came free): the line moves.
-            gate.open = True
+            gate.credits += 1
             gate.not_before = 0.0
         if held.lost or later is None:
             del self._held[key]
+            if self.deps.memory_cache is not None:
+                self.deps.memory_cache.pop(key, None)
             return
         held.retry = later.kind == "retry"
         heapq.heappush(self._timers, (self.clock() + later.seconds, next(self._seq), key))
@@ -185,23 +202,27 @@ class Engine:
         with self._cv:
             while not self._closing:
                 now = self.clock()
+                # Admissions first: a slot that came free is taken again at once, so the
+                # account stays full instead of refilling in waves behind the polls.
+                for gate in self._gates.values():
+                    self._move(gate, now)
                 while self._timers and self._timers[0][0] <= now and self._busy < self.threads:
                     _, _, key = heapq.heappop(self._timers)
                     if key in self._held:
                         self._dispatch(key)
-                for gate in self._gates.values():
-                    self._move(gate, now)
                 self._cv.wait(self._next_event(now))
 
     def _move(self, gate: Gate, now: float) -> None:
         if not gate.waiting or now < gate.not_before:
             return
-        allowed = self.threads if gate.open else 1
-        while gate.waiting and gate.probing < allowed and self._busy < self.threads:
+        if gate.credits == 0 and gate.probing == 0:
+            gate.credits = 1  # the wait is over (or slots came free elsewhere): ask again
+        while gate.waiting and gate.credits > 0 and self._busy < self.threads:
             key = gate.waiting.popleft()
             if (held := self._held.get(key)) is not None:
                 held.probe = True
                 gate.probing += 1
+                gate.credits -= 1
                 self._dispatch(key)
 
     def _next_event(self, now: float) -> float:
@@ -251,6 +272,8 @@ class Engine:
                 self._cv.wait(0.1)
             keys = [k for k, h in self._held.items() if not h.lost]
             self._held.clear()
+            if self.deps.memory_cache is not None:
+                self.deps.memory_cache.clear()
         self._stopped.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         handed = 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class Backends:
     circuit: CircuitBreaker
 
 
+CIRCUIT_CHECK_S = 1.0  # how stale this process's view of the circuit may be
+
+
 @dataclass
 class ProviderLimits:
     loop: BackgroundLoop
@@ -83,9 +87,20 @@ class ProviderLimits:
     key: str
     rate: Rate | None
     max_in_flight: int | None
+    # (when read, the reason): the circuit is read at most once a second per process. It
+    # opens on an account error, which this process records at once (trip) and others
+    # see within a second: a few rows may be submitted meanwhile, and fail like the first.
+    _circuit: tuple[float, str | None] = (float("-inf"), None)
+
+    def _circuit_reason(self) -> str | None:
+        read_at, reason = self._circuit
+        if time.monotonic() - read_at > CIRCUIT_CHECK_S:
+            reason = self.loop.run(self.backends.circuit.reason(self.key))
+            self._circuit = (time.monotonic(), reason)
+        return reason
 
     def admit(self, row: str) -> None:
-        reason = self.loop.run(self.backends.circuit.reason(self.key))
+        reason = self._circuit_reason()
         if reason is not None:
             raise ProviderAccountError(Codes.PROVIDER_HALTED, f"circuit open: {reason}")
         if self.max_in_flight is not None:
@@ -112,6 +127,7 @@ class ProviderLimits:
 
     def trip(self, reason: str) -> None:
         self.loop.run(self.backends.circuit.trip(self.key, CIRCUIT_S, reason))
+        self._circuit = (time.monotonic(), reason)
 
 
 @dataclass(frozen=True)

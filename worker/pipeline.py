@@ -16,7 +16,10 @@ A row's life in a worker process (worker/engine.py runs it):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +65,13 @@ class Deps:
     now: Callable[[], str] = utcnow_iso
     # This process's name on the rows it holds (state.py: leases).
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Provider memory of the rows held by this process's engine (RowMemory); None: none.
+    memory_cache: dict[tuple[str, int], str] | None = None
+    flags: BatchFlags = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.flags = BatchFlags(self.store)
+
     # A provider's global limits (worker/limits.py), None for free providers.
     limits: Callable[[str], ProviderLimits | None] = lambda name: None
     _providers: dict[str, Provider] = field(default_factory=dict)
@@ -74,24 +84,71 @@ class Deps:
 
 @dataclass(frozen=True)
 class RowMemory:
-    """The provider's memory of one row, in Redis (see worker/providers/base.py: Memory)."""
+    """The provider's memory of one row, in Redis (see worker/providers/base.py: Memory).
+
+    With a ``cache`` (the engine's: a row it holds is its alone, under a lease) a load
+    after the first is served from this process; every save still goes to Redis first."""
 
     store: BatchStore
     batch_id: str
     index: int
+    cache: dict[tuple[str, int], str] | None = None
 
     def load(self) -> dict[str, Any]:
-        return self.store.provider_memory(self.batch_id, self.index) or {}
+        key = (self.batch_id, self.index)
+        if self.cache is not None and key in self.cache:
+            loaded: dict[str, Any] = json.loads(self.cache[key])
+            return loaded
+        memory = self.store.provider_memory(self.batch_id, self.index) or {}
+        if self.cache is not None:
+            self.cache[key] = json.dumps(memory)
+        return memory
 
     def save(self, memory: dict[str, Any]) -> None:
         self.store.save_provider_memory(self.batch_id, self.index, memory)
+        if self.cache is not None:
+            self.cache[(self.batch_id, self.index)] = json.dumps(memory)
+
+
+@dataclass
+class BatchFlags:
+    """A batch's halts and cancel flag, read from Redis at most every ``ttl_s`` per
+    process: checked at every step, they change about never, and a second's delay in
+    noticing a cancel or another process's halt costs nothing (each provider also stops
+    at its account's circuit, and this process's own halts count at once)."""
+
+    store: BatchStore
+    ttl_s: float = 1.0
+    _seen: dict[str, tuple[float, dict[str, str], bool]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _get(self, batch_id: str) -> tuple[dict[str, str], bool]:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(batch_id)
+        if seen is None or now - seen[0] > self.ttl_s:
+            seen = (now, self.store.halts(batch_id), self.store.is_canceled(batch_id))
+            with self._lock:
+                self._seen[batch_id] = seen
+        return seen[1], seen[2]
+
+    def halted(self, batch_id: str, provider: str) -> str | None:
+        return self._get(batch_id)[0].get(provider)
+
+    def canceled(self, batch_id: str) -> bool:
+        return self._get(batch_id)[1]
+
+    def halt(self, batch_id: str, provider: str, reason: str) -> None:
+        self.store.halt(batch_id, provider, reason)
+        with self._lock:
+            self._seen.pop(batch_id, None)
 
 
 def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
     """One step of the provider; when it is done, store every output and return the
     row's success record, else how long the row should wait."""
     provider = deps.provider(job.spec.provider)
-    halted = deps.store.halted(job.batch_id, provider.name)
+    halted = deps.flags.halted(job.batch_id, provider.name)
     if halted is not None:
         # One clear failure per row, and not one more paid request.
         raise PermanentError(Codes.PROVIDER_HALTED, f"{provider.name} stopped: {halted}")
@@ -99,15 +156,15 @@ def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
     ctx = ProviderContext(
         fetch=deps.fetch,
         max_image_pixels=deps.settings.max_image_pixels,
-        memory=RowMemory(deps.store, job.batch_id, job.index),
+        memory=RowMemory(deps.store, job.batch_id, job.index, deps.memory_cache),
         storage=deps.storage,
-        canceled=lambda: deps.store.is_canceled(job.batch_id),
+        canceled=lambda: deps.flags.canceled(job.batch_id),
         limits=RowLimits(limits, job.job_id) if limits else None,
     )
     try:
         outcome = provider.step(job, ctx)
     except ProviderAccountError as err:
-        deps.store.halt(job.batch_id, provider.name, err.message)
+        deps.flags.halt(job.batch_id, provider.name, err.message)
         if limits is not None and err.code != Codes.PROVIDER_HALTED:
             limits.trip(err.message)  # every batch on this account stops too
         raise
@@ -273,6 +330,8 @@ def _finish(job: Job, deps: Deps, record: dict[str, Any]) -> None:
         limits.release(job.job_id)  # terminal: its in-flight slot is free
     record["started_at"] = deps.store.started_at(job.batch_id, job.index)
     record["finished_at"] = deps.now()
+    if deps.memory_cache is not None:
+        deps.memory_cache.pop((job.batch_id, job.index), None)
     verdict = deps.store.finish(
         job.batch_id, job.index, record["status"], record, cost_usd=record.get("cost_usd", 0.0)
     )

@@ -85,8 +85,9 @@ return {'run', redis.call('HINCRBY', KEYS[3], ARGV[1], 1)}
 """
 )
 
-# KEYS: lease, due; ARGV: token, lease ms, index... Pushes on the holds still ours and
-# returns the rows that are not ours any more (claimed by a watchdog: we were presumed dead).
+# KEYS: lease, due, state; ARGV: token, lease ms, index... Pushes on the holds still ours
+# and returns the live rows that are not ours any more (claimed by a watchdog: we were
+# presumed dead). A row that just became terminal is not lost, only finished.
 _HEARTBEAT = (
     _NOW_MS
     + """
@@ -95,7 +96,8 @@ for i = 3, #ARGV do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[i])
   else
-    table.insert(lost, ARGV[i])
+    local state = redis.call('HGET', KEYS[3], ARGV[i])
+    if state == 'queued' or state == 'running' then table.insert(lost, ARGV[i]) end
   end
 end
 return lost
@@ -257,7 +259,7 @@ class BatchStore:
         self, batch_id: str, indices: Sequence[int], token: str, lease_s: float
     ) -> list[int]:
         """Push on this process's holds; returns the rows it does not hold any more."""
-        keys = [_key(batch_id, "lease"), _key(batch_id, "due")]
+        keys = [_key(batch_id, "lease"), _key(batch_id, "due"), _key(batch_id, "state")]
         lost = self._heartbeat(keys=keys, args=[token, int(lease_s * 1000), *indices])
         return [int(i) for i in lost]
 

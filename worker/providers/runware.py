@@ -364,19 +364,19 @@ class RunwareProvider:
         """Submit (once) or poll (once); then the results, or how long to wait."""
         self.client  # noqa: B018 - fails fast (and halts the batch) without a key
         memory = ctx.memory.load()
-        if "task_uuid" not in memory:
-            memory["task_uuid"] = str(uuid.uuid4())
-            ctx.memory.save(memory)  # before anything is paid
+        # Saved with `attempted`, before the submission (_submit): before anything is paid.
+        memory.setdefault("task_uuid", str(uuid.uuid4()))
         task_uuid = memory["task_uuid"]
         direct = self._direct_destination(job, ctx)
-        if memory.get("accepted"):
+        polled = bool(memory.get("accepted"))  # else the slot was just taken: no keep
+        if polled:
             stop_if_canceled(ctx, f"Runware task {task_uuid}")
             progress = self._poll(task_uuid)
         else:
             progress = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
         if progress is not None and progress.done(job.spec.num_results):
             return self._result(job, task_uuid, progress, direct, ctx)
-        if ctx.limits is not None:
+        if ctx.limits is not None and polled:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
         return next_wait(
             memory, ctx.memory, ctx,
@@ -447,8 +447,10 @@ class RunwareProvider:
     def _accepted(
         self, memory: dict[str, Any], ctx: ProviderContext, progress: Progress
     ) -> Progress:
+        # Not saved here: the wait that follows saves it (next_wait), and a row that stops
+        # before that has `attempted` saved, which resolves through getResponse, not a
+        # second submission. One Redis write less per row.
         memory["accepted"] = True
-        ctx.memory.save(memory)
         return progress
 
     def _known(self, task_uuid: str) -> Progress | None:
