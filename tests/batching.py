@@ -109,7 +109,8 @@ def kill_mid_wait_and_resume(
 ) -> dict[str, str]:
     """Submit `rows` rows, SIGKILL the worker once the provider accepted all of them (and
     before any finished), start another worker, and wait for the batch: its meta."""
-    env = {**env, "BGSWAP_VISIBILITY_TIMEOUT_S": "12", "BGSWAP_WORKER_CONCURRENCY": str(rows + 1)}
+    env = {**env, "BGSWAP_VISIBILITY_TIMEOUT_S": "12", "BGSWAP_WORKER_CONCURRENCY": str(rows + 1),
+           "BGSWAP_ROW_LEASE_S": "6"}  # fmt: skip
     first = start_worker(env, tmp_path / "w1.log")
     submit = bgswap("submit", "m.csv", "--provider", provider, "--output", "out",
                     "--batch-id", "kill1", cwd=tmp_path, env=env, timeout=60)  # fmt: skip

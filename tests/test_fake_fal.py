@@ -458,11 +458,12 @@ def test_sync_mode_gives_data_uris(fake: FakeFal, files: FileServer) -> None:
 
 
 def test_concurrency_limits_in_progress_and_queue_positions(files: FileServer) -> None:
-    # processing_s leaves a wide margin: under load the four submits may take 100+ ms.
-    with FakeFal(KEY, queue_s=0.01, processing_s=1.5, concurrency=2) as fake:
+    # Every request spends queue_s in the queue first: the four submits (100+ ms under
+    # load) all land while none has left it, and processing_s outlasts the checks below.
+    with FakeFal(KEY, queue_s=0.8, processing_s=2.0, concurrency=2) as fake:
         replies = [accepted(fake, make_body(files)) for _ in range(4)]
         assert [reply["queue_position"] for reply in replies] == [0, 1, 2, 3]
-        time.sleep(0.3)
+        time.sleep(1.2)
         bodies = [HTTP.get(reply["status_url"], headers=AUTH).json() for reply in replies]
         assert [body["status"] for body in bodies] == [
             "IN_PROGRESS", "IN_PROGRESS", "IN_QUEUE", "IN_QUEUE"

@@ -195,5 +195,5 @@ def test_bgswap_cancel_cancels_in_flight_requests(
             worker.wait(timeout=30)
         assert sorted(fake.canceled) == sorted(fake.submitted) and fake.billed() == []
     lines = manifest_lines(tmp_path / "out/c1/manifest.jsonl")
-    assert [x["status"] for x in lines] == ["canceled", "canceled"]
+    assert [x["status"] for x in lines] == ["canceled", "canceled"], [x["error"] for x in lines]
     assert {x["error"]["code"] for x in lines} == {"job.canceled"}

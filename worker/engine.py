@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.jobs import Job
-from worker.pipeline import Deps, Later, advance, begin
+from worker.pipeline import Deps, Later, LocalRows, advance, begin
 
 log = logging.getLogger("bgswap.engine")
 
@@ -81,8 +81,8 @@ class Engine:
         self.threads = threads
         self.max_rows = max_rows
         self.clock = clock
-        if deps.memory_cache is None:
-            deps.memory_cache = {}  # the rows held here are this process's alone
+        if deps.local is None:
+            deps.local = LocalRows()  # the rows held here are this process's alone
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bgswap-step")
         self._cv = threading.Condition()
         self._held: dict[Key, Held] = {}
@@ -187,8 +187,8 @@ class Engine:
             gate.not_before = 0.0
         if held.lost or later is None:
             del self._held[key]
-            if self.deps.memory_cache is not None:
-                self.deps.memory_cache.pop(key, None)
+            if self.deps.local is not None:
+                self.deps.local.drop(key)
             return
         held.retry = later.kind == "retry"
         heapq.heappush(self._timers, (self.clock() + later.seconds, next(self._seq), key))
@@ -272,8 +272,8 @@ class Engine:
                 self._cv.wait(0.1)
             keys = [k for k, h in self._held.items() if not h.lost]
             self._held.clear()
-            if self.deps.memory_cache is not None:
-                self.deps.memory_cache.clear()
+            if self.deps.local is not None:
+                self.deps.local.clear()
         self._stopped.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         handed = 0
@@ -282,5 +282,5 @@ class Engine:
                 self.republish(batch_id, index)
                 handed += 1
         if handed:
-            log.info("handed %d held rows back to the queue", handed)
+            log.warning("handed %d held rows back to the queue", handed)
         return handed

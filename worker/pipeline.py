@@ -65,8 +65,8 @@ class Deps:
     now: Callable[[], str] = utcnow_iso
     # This process's name on the rows it holds (state.py: leases).
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # Provider memory of the rows held by this process's engine (RowMemory); None: none.
-    memory_cache: dict[tuple[str, int], str] | None = None
+    # The rows held by this process's engine (worker/engine.py sets it); None: no engine.
+    local: LocalRows | None = None
     flags: BatchFlags = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,22 +92,40 @@ class RowMemory:
     store: BatchStore
     batch_id: str
     index: int
-    cache: dict[tuple[str, int], str] | None = None
+    cache: LocalRows | None = None
 
     def load(self) -> dict[str, Any]:
         key = (self.batch_id, self.index)
-        if self.cache is not None and key in self.cache:
-            loaded: dict[str, Any] = json.loads(self.cache[key])
+        if self.cache is not None and key in self.cache.memory:
+            loaded: dict[str, Any] = json.loads(self.cache.memory[key])
             return loaded
         memory = self.store.provider_memory(self.batch_id, self.index) or {}
         if self.cache is not None:
-            self.cache[key] = json.dumps(memory)
+            self.cache.memory[key] = json.dumps(memory)
         return memory
 
     def save(self, memory: dict[str, Any]) -> None:
         self.store.save_provider_memory(self.batch_id, self.index, memory)
         if self.cache is not None:
-            self.cache[(self.batch_id, self.index)] = json.dumps(memory)
+            self.cache.memory[(self.batch_id, self.index)] = json.dumps(memory)
+
+
+@dataclass
+class LocalRows:
+    """What a process knows of the rows its engine holds, so as not to ask Redis again:
+    under a lease a held row is this process's alone. Filled when a row is taken (the
+    adopt script returns it all), dropped when the row is let go."""
+
+    memory: dict[tuple[str, int], str] = field(default_factory=dict)
+    started_at: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def drop(self, key: tuple[str, int]) -> None:
+        self.memory.pop(key, None)
+        self.started_at.pop(key, None)
+
+    def clear(self) -> None:
+        self.memory.clear()
+        self.started_at.clear()
 
 
 @dataclass
@@ -122,11 +140,11 @@ class BatchFlags:
     _seen: dict[str, tuple[float, dict[str, str], bool]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _get(self, batch_id: str) -> tuple[dict[str, str], bool]:
+    def _get(self, batch_id: str, fresh: bool = False) -> tuple[dict[str, str], bool]:
         now = time.monotonic()
         with self._lock:
             seen = self._seen.get(batch_id)
-        if seen is None or now - seen[0] > self.ttl_s:
+        if fresh or seen is None or now - seen[0] > self.ttl_s:
             seen = (now, self.store.halts(batch_id), self.store.is_canceled(batch_id))
             with self._lock:
                 self._seen[batch_id] = seen
@@ -135,8 +153,8 @@ class BatchFlags:
     def halted(self, batch_id: str, provider: str) -> str | None:
         return self._get(batch_id)[0].get(provider)
 
-    def canceled(self, batch_id: str) -> bool:
-        return self._get(batch_id)[1]
+    def canceled(self, batch_id: str, *, fresh: bool = False) -> bool:
+        return self._get(batch_id, fresh)[1]
 
     def halt(self, batch_id: str, provider: str, reason: str) -> None:
         self.store.halt(batch_id, provider, reason)
@@ -156,7 +174,7 @@ def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
     ctx = ProviderContext(
         fetch=deps.fetch,
         max_image_pixels=deps.settings.max_image_pixels,
-        memory=RowMemory(deps.store, job.batch_id, job.index, deps.memory_cache),
+        memory=RowMemory(deps.store, job.batch_id, job.index, deps.local),
         storage=deps.storage,
         canceled=lambda: deps.flags.canceled(job.batch_id),
         limits=RowLimits(limits, job.job_id) if limits else None,
@@ -232,10 +250,14 @@ def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
     if started.verdict is StartVerdict.HELD:
         log.info("row %s:%d is held by another worker, delivery ignored", batch_id, index)
         return None
-    raw = store.job(batch_id, index)
-    if raw is None:
+    if started.job is None:
         raise LookupError(f"{batch_id} row {index} has no job record")
-    job = Job.model_validate_json(raw)
+    job = Job.model_validate_json(started.job)
+    if deps.local is not None:
+        key = (batch_id, index)
+        deps.local.memory[key] = json.dumps(started.memory or {})
+        if started.started_at:
+            deps.local.started_at[key] = started.started_at
     if started.attempts > deps.settings.max_deliveries:
         err = PermanentError(
             Codes.JOB_TOO_MANY_DELIVERIES,
@@ -289,8 +311,11 @@ def handle_delivery(batch_id: str, index: int, deps: Deps) -> float | None:
 def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | None:
     s = deps.settings
     if isinstance(err, Deferred):
-        # Waiting for a rate token or a slot is not an attempt: nothing was tried.
-        wait = (err.retry_after_s or 1.0) * (1.0 + 0.2 * deps.rand())  # spread the herd
+        # Waiting for a rate token or a slot is not an attempt: nothing was tried. A token's
+        # time is exact (a late probe wastes it); a slot's is a guess: spread the herd.
+        wait = err.retry_after_s or 1.0
+        if not err.exact:
+            wait *= 1.0 + 0.2 * deps.rand()
         return Later(wait, "admission", job.spec.provider)
     delay = retry_delay(
         err,
@@ -305,6 +330,11 @@ def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | N
     if delay is not None:
         log.warning("row %s: %s; retry %d in %.1fs", job.job_id, err.code, attempt, delay)
         return Later(delay, "retry", job.spec.provider)
+    if deps.flags.canceled(job.batch_id, fresh=True):
+        # The provider failed it because `bgswap cancel` canceled its request (fal answers
+        # a canceled request with an error): the row was canceled, not failed.
+        _finish(job, deps, {**_failure(job, RowCanceled()), "status": "canceled"})
+        return None
     if err.retryable:
         err = PermanentError(
             Codes.JOB_RETRIES_EXHAUSTED, f"gave up after {attempt} attempts: {err.message}"
@@ -328,10 +358,12 @@ def _finish(job: Job, deps: Deps, record: dict[str, Any]) -> None:
     limits = deps.limits(job.spec.provider)
     if limits is not None:
         limits.release(job.job_id)  # terminal: its in-flight slot is free
-    record["started_at"] = deps.store.started_at(job.batch_id, job.index)
+    key = (job.batch_id, job.index)
+    known = deps.local.started_at.get(key) if deps.local is not None else None
+    record["started_at"] = known or deps.store.started_at(job.batch_id, job.index)
     record["finished_at"] = deps.now()
-    if deps.memory_cache is not None:
-        deps.memory_cache.pop((job.batch_id, job.index), None)
+    if deps.local is not None:
+        deps.local.drop(key)
     verdict = deps.store.finish(
         job.batch_id, job.index, record["status"], record, cost_usd=record.get("cost_usd", 0.0)
     )

@@ -59,7 +59,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: state, counts, attempts, started, lease, due; ARGV: index, now, token, lease ms
+# KEYS: state, counts, attempts, started, lease, due, jobs, provider; ARGV: index, now,
+# token, lease ms. Taking the row also returns what working on it needs (one round trip).
 _ADOPT = (
     _NOW_MS
     + """
@@ -81,7 +82,9 @@ end
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[1])
-return {'run', redis.call('HINCRBY', KEYS[3], ARGV[1], 1)}
+local attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+return {'run', attempts, redis.call('HGET', KEYS[7], ARGV[1]) or '',
+        redis.call('HGET', KEYS[4], ARGV[1]), redis.call('HGET', KEYS[8], ARGV[1]) or ''}
 """
 )
 
@@ -204,6 +207,9 @@ def _key(batch_id: str, part: str) -> str:
 class StartResult:
     verdict: StartVerdict
     attempts: int
+    job: str | None = None  # the row's Job JSON, when taken
+    started_at: str | None = None
+    memory: dict[str, Any] | None = None  # the provider's memory of the row, if any
 
 
 @dataclass(frozen=True)
@@ -336,12 +342,18 @@ class BatchStore:
     def adopt(self, batch_id: str, index: int, now: str, token: str, lease_s: float) -> StartResult:
         """Take the row for this process (``token``) for ``lease_s``: queued -> running,
         attempts + 1. A terminal row, or one another live process holds, is not taken."""
-        parts = ("state", "counts", "attempts", "started", "lease", "due")
+        parts = ("state", "counts", "attempts", "started", "lease", "due", "jobs", "provider")
         keys = [_key(batch_id, p) for p in parts]
-        verdict, attempts = self._adopt(keys=keys, args=[index, now, token, int(lease_s * 1000)])
-        if verdict == "missing":
+        reply = self._adopt(keys=keys, args=[index, now, token, int(lease_s * 1000)])
+        if reply[0] == "missing":
             raise BatchNotFound(f"{batch_id} row {index}")
-        return StartResult(StartVerdict(verdict), int(attempts))
+        if reply[0] != "run":
+            return StartResult(StartVerdict(reply[0]), int(reply[1]))
+        _, attempts, job, started_at, memory = reply
+        return StartResult(
+            StartVerdict.RUN, int(attempts), job or None, started_at,
+            json.loads(memory) if memory else None,
+        )  # fmt: skip
 
     def count_attempt(self, batch_id: str, index: int) -> int:
         """A held row tries again (a retry): one more attempt."""
