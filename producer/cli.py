@@ -317,12 +317,16 @@ def _run_embedded(
 
     with redis_server() as redis_url:
         local = settings.model_copy(
-            update={"broker_url": broker_url_for(redis_url), "redis_url": redis_url}
+            update={
+                "broker_url": broker_url_for(redis_url),
+                "redis_url": redis_url,
+                "worker_concurrency": concurrency or settings.worker_concurrency,
+            }
         )
         celery_app, store = _connect(local)
         apply_config(local)
         runtime.configure(local)
-        with inprocess_worker(celery_app, concurrency or local.worker_concurrency):
+        with inprocess_worker(celery_app):
             report = _enqueue(local, celery_app, store, prepared, args)
             code = _summary(store, report.batch_id, _wait(store, report.batch_id))
         store.redis.close()

@@ -98,8 +98,9 @@ def broker_url_for(redis_url: str) -> str:
 
 
 @contextmanager
-def inprocess_worker(app: Any, concurrency: int) -> Iterator[None]:
-    """Run a real Celery worker (threads pool) in a thread of this process."""
+def inprocess_worker(app: Any) -> Iterator[None]:
+    """Run a real Celery worker (threads pool) in a thread of this process; its engine's
+    step threads are the configured ``worker_concurrency``."""
     ready = threading.Event()
 
     class Controller(WorkController):  # type: ignore[misc]
@@ -112,8 +113,7 @@ def inprocess_worker(app: Any, concurrency: int) -> Iterator[None]:
     controller = Controller(
         app=app,
         hostname=f"bgswap-run-{os.getpid()}@{socket.gethostname()}",
-        pool="threads",
-        concurrency=concurrency,
+        pool="threads",  # the app's own setting: deliveries only hand rows to the engine
         loglevel="WARNING",
         without_heartbeat=True,
         without_mingle=True,

@@ -170,7 +170,7 @@ def test_run_with_a_broker_submits_there_and_waits(
     settings = Settings(broker_url=redis_url, redis_url=redis_url)
     apply_config(settings)
     runtime.configure(settings)
-    with inprocess_worker(app, concurrency=1):
+    with inprocess_worker(app):
         done = bgswap(
             "run",
             "m.csv",
@@ -200,7 +200,7 @@ def test_retry_reenqueues_failed_rows(
         settings = Settings(broker_url=redis_url, redis_url=redis_url, allow_private_urls=True)
         apply_config(settings)
         runtime.configure(settings)
-        with inprocess_worker(app, concurrency=1):
+        with inprocess_worker(app):
             first = bgswap(
                 "submit",
                 "m.csv",

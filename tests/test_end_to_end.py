@@ -63,7 +63,7 @@ def test_inprocess_worker_retries_through_celery_and_writes_the_manifest(
     manifest.write_text(f"id,image,prompt\nflaky,{flaky},p\ngood,{good},p\nbad,{good},\n")
     store = BatchStore.from_url(redis_url)
     defaults = RowDefaults(base_dir=tmp_path, allow_private_urls=True)
-    with inprocess_worker(app, concurrency=2), runner.open_manifest(str(manifest), None) as m:
+    with inprocess_worker(app), runner.open_manifest(str(manifest), None) as m:
         report = runner.submit_manifest(
             settings,
             app,
@@ -301,7 +301,7 @@ def test_the_watchdog_brings_back_lost_messages_and_dead_workers_rows(
     # Row 1 was adopted by a worker process that died at once: its lease lapses.
     store.adopt("lost1", 1, "t", "dead-worker", 0.3)
     watchdog = Watchdog(store, republish, queue_depth, grace_s=0.5, interval_s=0.2)
-    with inprocess_worker(app, concurrency=1):
+    with inprocess_worker(app):
         watchdog.start()
         try:
             meta = runner.wait_for_batch(store, "lost1", lambda c, t: None, timeout_s=30)

@@ -118,7 +118,7 @@ def test_a_worker_runs_bulk_published_rows_under_their_job_ids(
     )
     task_prerun.connect(on_prerun, weak=False)
     try:
-        with inprocess_worker(app, concurrency=2), (tmp_path / "m.csv").open("rb") as fh:
+        with inprocess_worker(app), (tmp_path / "m.csv").open("rb") as fh:
             report = submitter.submit(read_manifest(fh, "csv", defaults), options)
             meta = runner.wait_for_batch(store, "bulk1", lambda c, t: None, timeout_s=60)
     finally:

@@ -92,10 +92,10 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(default=60.0, gt=0)
 
     # Step threads per worker process (worker/engine.py). A thread is busy for one step
-    # (a submit, a poll, a download and upload), never for a provider's whole wait, so a
-    # few threads keep hundreds of requests in flight. The local provider is CPU-bound:
-    # one thread per core; measured on 2 cores, 8 threads were slower and twice the RSS.
-    worker_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    # (a submit, a poll, a download and upload: a few network round trips), never for a
+    # provider's whole wait, so a few threads keep hundreds of requests in flight. The
+    # local provider's CPU work runs one image per core whatever this is (local.py).
+    worker_concurrency: int = Field(default=8, ge=1)
     # Rows one worker process holds at most (running, waiting on their provider, or
     # waiting for a rate token or slot). It takes more only while a step thread is idle.
     worker_max_rows: int = Field(default=1000, ge=1)
