@@ -1,8 +1,8 @@
 """A provider account's global limits, as the worker's (synchronous) job code uses them.
 
-The limiter itself (worker/ratelimit) is async; today's jobs run in Celery threads, so
-this module owns one event loop per process, in a thread, and runs the limiter's calls
-there. Every worker on every machine shares the same Redis state, so the limits hold
+The limiter itself (worker/ratelimit) is async; steps run in the engine's threads
+(worker/engine.py), so this module owns one event loop per process, in a thread, and
+runs the limiter's calls there. Every worker on every machine shares the same Redis state, so the limits hold
 for the whole fleet:
 
 - before a paid submission, ``admit(row)``: the circuit must be closed, a rate token
@@ -13,9 +13,9 @@ for the whole fleet:
 - a 429 from the provider ``slow_down()``s the account for a while; an auth or credit
   error ``trip()``s its circuit for every batch.
 
-When the row may not go yet, ``admit`` raises ``Deferred`` with the wait: the pipeline
-puts the row back in the queue for that long, without counting an attempt, and no
-thread or message waits meanwhile.
+When the row may not go yet, ``admit`` raises ``Deferred`` with the wait: the engine
+puts the row in its provider's admission line for that long, without counting an
+attempt, and no thread or message waits meanwhile.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Waiting on a provider without holding anything: polls are steps, spaced by a backoff.
 
 A row whose provider is still working is not waited on by a thread or a held message:
-its job returns ``Wait(seconds)`` and goes back to the queue for that long (a Celery
-countdown, always far below the broker's visibility timeout). The next delivery polls
-once more. What the wait needs to survive a dead worker -- the provider's id for the
-request, how many polls so far, when it was submitted -- is in the row's memory.
+its step returns ``Wait(seconds)`` and the worker's engine steps it again after that
+long (a timer, worker/engine.py). The next step polls once more. What the wait needs
+to survive a dead worker -- the provider's id for the request, how many polls so far,
+when it was submitted -- is in the row's memory in Redis.
 """
 
 from __future__ import annotations
