@@ -31,6 +31,7 @@ from worker.limits import RATE_BURST
 LIMIT = 20.0
 BURST = RATE_BURST  # what worker/limits.py admits with
 WORKERS = 3
+SPREAD_S = 0.05  # how much later one request may reach the fake than another, once admitted
 ROWS = 600
 LATENCY_S = 0.5
 RESULT_BYTES = 16_384
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         note=f"{100 * rate / LIMIT:.1f}% of the limit; {len(times)} accepted over "
         f"{times[-1] - times[0]:.1f} s; batch {seconds:.1f} s{rows_note}",
     )
-    over = rate > LIMIT
+    # The fake stamps acceptances, not admissions: the requests' transit (up to SPREAD_S
+    # apart under load) can shorten the measured span. Over the limit is only what no
+    # such spread explains.
+    over = (len(times) - BURST) / (times[-1] - times[0] + SPREAD_S) > LIMIT
     if over:
         print(f"rate: {rate:.2f}/s is above the limit {LIMIT:g}/s: NOT met", flush=True)
     second = report(
