@@ -2,8 +2,8 @@
 
 The limiter itself (worker/ratelimit) is async; steps run in the engine's threads
 (worker/engine.py), so this module owns one event loop per process, in a thread, and
-runs the limiter's calls there. Every worker on every machine shares the same Redis state, so the limits hold
-for the whole fleet:
+runs the limiter's calls there. Every worker on every machine shares the same Redis
+state, so the limits hold for the whole fleet:
 
 - before a paid submission, ``admit(row)``: the circuit must be closed, a rate token
   free (GCRA) and an in-flight slot free (a lease held by the row);
