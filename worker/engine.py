@@ -132,9 +132,13 @@ class Engine:
     def _take(self, key: Key, held: Held) -> None:
         self._held[key] = held
         gate = self._gates.get(held.job.spec.provider)
-        if gate is not None and gate.waiting:
-            # Rows are already waiting for admission: this one joins the end of the line
-            # instead of asking the limiter only to be refused.
+        local = self.deps.local
+        fresh = local is not None and local.memory.get(key) == "{}"
+        if gate is not None and gate.waiting and fresh:
+            # Rows are already waiting for admission and this one has nothing at the
+            # provider yet: it joins the end of the line instead of asking the limiter
+            # only to be refused. (A resumed row goes straight on: it polls a request
+            # that already holds a slot, and must not wait behind rows that need one.)
             self._busy -= 1
             gate.waiting.append(key)
         else:
@@ -150,7 +154,12 @@ class Engine:
     # -- stepping -----------------------------------------------------------------------
 
     def _step(self, key: Key) -> None:
-        held = self._held[key]
+        held = self._held.get(key)
+        if held is None:  # let go meanwhile (a shutdown that stopped waiting for steps)
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+            return
         later: Later | None = None
         try:
             if not held.lost:
@@ -182,11 +191,12 @@ class Engine:
             gate.not_before = max(gate.not_before, self.clock() + later.seconds)
             return
         if gate is not None and (probed or later is None):
-            # Admitted (the limit said yes), or terminal (a slot came free): the line moves.
-            gate.credits += 1
+            # Admitted (the limit said yes), or terminal (a slot came free): the line moves,
+            # by as many rows as wait at most (credits do not pile up for an empty line).
+            gate.credits = min(gate.credits + 1, len(gate.waiting))
             gate.not_before = 0.0
         if held.lost or later is None:
-            del self._held[key]
+            self._held.pop(key, None)
             if self.deps.local is not None:
                 self.deps.local.drop(key)
             return
