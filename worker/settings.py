@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     # Step threads per worker process (worker/engine.py). A thread is busy for one step
     # (a submit, a poll, a download and upload: a few network round trips), never for a
     # provider's whole wait, so a few threads keep hundreds of requests in flight. The
-    # local provider's CPU work runs one image per core whatever this is (local.py).
+    # local provider's steps are computation: they run one per core, on threads of their
+    # own (engine.py), whatever this is.
     worker_concurrency: int = Field(default=8, ge=1)
     # Rows one worker process holds at most (running, waiting on their provider, or
     # waiting for a rate token or slot). It takes more only while a step thread is idle.

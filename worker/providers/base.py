@@ -92,6 +92,9 @@ class ProviderContext:
 class Provider(Protocol):
     name: str
     model: str
+    # True when a step is computation in this process (the worker runs such steps on a
+    # pool of one thread per core), False when it is network round trips.
+    cpu_bound: bool
 
     def estimate_cost(self, spec: JobSpec) -> float:
         """USD this row will cost, for `validate` and `--max-cost`; 0 for free providers."""
@@ -105,7 +108,7 @@ class Provider(Protocol):
 
 def run_to_completion(provider: Provider, job: Job, ctx: ProviderContext) -> ProviderResult:
     """Step a row until it is done, sleeping between steps (tests, one-off calls: the
-    pipeline never sleeps, it re-queues the row instead)."""
+    worker never sleeps, its engine sets a timer instead)."""
     while True:
         outcome = provider.step(job, ctx)
         if isinstance(outcome, ProviderResult):

@@ -233,6 +233,7 @@ class RequestFailed(ProviderUnavailable):
 class FalProvider:
     name = "fal"
     model = MODEL
+    cpu_bound = False
 
     def __init__(self, settings: Settings, http: httpx.Client | None = None) -> None:
         self.cfg = FalConfig.from_settings(settings)

@@ -31,8 +31,6 @@ An input with real transparency skips 1-4: its alpha channel is the matte.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -654,17 +652,12 @@ def _decode_background(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(exc.code, f"background: {exc.message}") from exc
 
 
-# The work is CPU: one image per core at a time, whatever the worker's thread count (sized
-# for paid providers, whose steps wait on the network). Measured on 2 cores: 8 images at
-# once were slower than 2 and needed twice the memory.
-_CPU_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
-
-
 class LocalProvider:
     """Free, offline, deterministic; ignores prompt and the generative options."""
 
     name = "local"
     model = "bgswap-local-1"
+    cpu_bound = True
 
     def estimate_cost(self, spec: JobSpec) -> float:
         return 0.0
@@ -677,12 +670,11 @@ class LocalProvider:
         raw_bg = ctx.fetch(background.image, "background") if background.image else None
         fmt: OutputFormatName = spec.output_format or DEFAULT_OUTPUT_FORMAT
         quality = spec.output_quality or DEFAULT_QUALITY
-        with _CPU_SLOTS:
-            image = decode_image(source, ctx.max_image_pixels)
-            bg_image = _decode_background(raw_bg, ctx.max_image_pixels) if raw_bg else None
-            shadow = DEFAULT_SHADOW if spec.shadow is None else spec.shadow
-            result = replace_background(image, background, bg_image, shadow=shadow)
-            data = encode_image(result, fmt, quality)
+        image = decode_image(source, ctx.max_image_pixels)
+        bg_image = _decode_background(raw_bg, ctx.max_image_pixels) if raw_bg else None
+        shadow = DEFAULT_SHADOW if spec.shadow is None else spec.shadow
+        result = replace_background(image, background, bg_image, shadow=shadow)
+        data = encode_image(result, fmt, quality)
         output = OutputImage(
             data=data,
             content_type=CONTENT_TYPES[fmt],

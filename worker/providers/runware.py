@@ -330,6 +330,7 @@ class Conflict(Exception):
 class RunwareProvider:
     name = "runware"
     model = MODEL
+    cpu_bound = False
 
     def __init__(self, settings: Settings, http: httpx.Client | None = None) -> None:
         self.cfg = RunwareConfig.from_settings(settings)
