@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
@@ -14,8 +13,6 @@ from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
 from worker.pipeline import finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.watchdog import Watchdog
-
-log = logging.getLogger("bgswap.worker")
 
 # How long a delivery waits for room in this process's engine before the row goes back
 # to the queue (for a process with room): far below the visibility timeout.
