@@ -162,3 +162,28 @@ def test_a_row_taken_over_by_another_process_is_dropped(
             engine.close()
         assert store.counts("lost")["running"] == 1  # still the other process's
         assert len(fake.paid) == 1
+
+
+def test_a_resumed_row_does_not_wait_behind_rows_that_need_its_slot(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    """Cap 1: row 0 was submitted by a process that is gone (its slot still leased to the
+    row), row 1 waits in the admission line for that slot. Row 0, taken over, must poll
+    at once: behind row 1 it would wait for its own slot's lease to lapse (minutes)."""
+    from worker.pipeline import handle_delivery
+
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware(KEY, processing_s=0.5) as fake:
+        deps = make_deps(redis_url, fake, runware_max_in_flight=1)
+        submit(deps, 2, url, tmp_path, "resume")
+        assert handle_delivery("resume", 0, deps) is not None  # submitted, slot held, queued
+        assert len(fake.paid) == 1
+        engine = Engine(deps, lambda b, i: None, threads=2, max_rows=10)
+        try:
+            assert engine.adopt("resume", 1, wait_s=5)  # refused a slot: into the line
+            wait_for(lambda: engine.waiting("runware") == 1, 5, "row 1 in line")
+            assert engine.adopt("resume", 0, wait_s=5)
+            wait_for(lambda: deps.store.counts("resume")["succeeded"] == 2, 15, "both done")
+        finally:
+            engine.close()
+    assert len(fake.paid) == 2 and len(set(fake.paid)) == 2

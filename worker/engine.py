@@ -167,6 +167,12 @@ class Engine:
         with self._cv:
             return len(self._held)
 
+    def waiting(self, provider: str) -> int:
+        """Rows in ``provider``'s admission line."""
+        with self._cv:
+            gate = self._gates.get(provider)
+            return len(gate.waiting) if gate is not None else 0
+
     # -- stepping -----------------------------------------------------------------------
 
     def _step(self, key: Key, cpu: bool) -> None:
