@@ -187,7 +187,7 @@ class Engine:
             except Exception as exc:  # Redis away, say: the row did nothing wrong
                 log.warning("row %s:%d step failed: %s; again in %gs",
                             *key, exc, TRANSIENT_WAIT_S)  # fmt: skip
-                later = Later(TRANSIENT_WAIT_S, "wait", held.job.spec.provider)
+                later = Later(TRANSIENT_WAIT_S, "wait")
         with self._cv:
             if cpu:
                 self._cpu_busy -= 1

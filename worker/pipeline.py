@@ -231,11 +231,10 @@ class Later:
 
     ``wait``: the provider is working (not an attempt); ``retry``: a retryable error (the
     next step is a new attempt); ``admission``: no rate token or in-flight slot yet for
-    ``provider`` (nothing was tried, not an attempt)."""
+    the row's provider (nothing was tried, not an attempt)."""
 
     seconds: float
     kind: Literal["wait", "retry", "admission"]
-    provider: str
 
 
 def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
@@ -284,7 +283,7 @@ def advance(job: Job, deps: Deps, attempt: int) -> Later | None:
         _finish(job, deps, _failure(job, internal))
         return None
     if isinstance(record, Wait):
-        return Later(record.seconds, "wait", job.spec.provider)
+        return Later(record.seconds, "wait")
     _finish(job, deps, record)
     return None
 
@@ -316,7 +315,7 @@ def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | N
         wait = err.retry_after_s or 1.0
         if not err.exact:
             wait *= 1.0 + 0.2 * deps.rand()
-        return Later(wait, "admission", job.spec.provider)
+        return Later(wait, "admission")
     delay = retry_delay(
         err,
         attempt,
@@ -329,7 +328,7 @@ def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | N
     )
     if delay is not None:
         log.warning("row %s: %s; retry %d in %.1fs", job.job_id, err.code, attempt, delay)
-        return Later(delay, "retry", job.spec.provider)
+        return Later(delay, "retry")
     if deps.flags.canceled(job.batch_id, fresh=True):
         # The provider failed it because `bgswap cancel` canceled its request (fal answers
         # a canceled request with an error): the row was canceled, not failed.

@@ -409,10 +409,6 @@ class BatchStore:
         """Stop a provider for the rest of the batch; the first reason is kept."""
         self.redis.hsetnx(_key(batch_id, "halt"), provider, reason)
 
-    def halted(self, batch_id: str, provider: str) -> str | None:
-        reason: str | None = self.redis.hget(_key(batch_id, "halt"), provider)
-        return reason
-
     def halts(self, batch_id: str) -> dict[str, str]:
         halts: dict[str, str] = self.redis.hgetall(_key(batch_id, "halt"))
         return halts
