@@ -5,6 +5,7 @@ the hand-back at shutdown, and rows taken over by another process."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,7 +138,7 @@ def test_close_hands_every_held_row_back_to_the_queue(
         other = make_deps(redis_url, fake)
         taken = other.store.adopt("back", 0, "t", other.token, 60)
         assert taken.verdict is StartVerdict.RUN
-        assert taken.memory is not None and taken.memory["task_uuid"] in fake.paid
+        assert json.loads(taken.memory)["task_uuid"] in fake.paid
 
 
 def test_a_row_taken_over_by_another_process_is_dropped(
@@ -154,7 +155,7 @@ def test_a_row_taken_over_by_another_process_is_dropped(
             assert engine.beat() == 0
             # This process was presumed dead: a watchdog released the row, another took it.
             store = BatchStore(deps.store.redis)
-            store.release("lost", 0)
+            assert store.release("lost", 0, store.epoch("lost", 0))
             assert store.adopt("lost", 0, "t", "another-process", 60).verdict is StartVerdict.RUN
             assert engine.beat() == 1
             wait_for(lambda: engine.held() == 0, 5, "the row dropped at its next step")

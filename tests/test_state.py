@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
 
-from worker.state import BatchStore, FinishVerdict, StartVerdict
+from worker.state import BatchStore, FinishVerdict, SaveVerdict, StartVerdict
 
 
 def make_batch(client: redis_lib.Redis, bid: str, n_valid: int, n_rejected: int = 0) -> BatchStore:
@@ -102,8 +102,8 @@ def test_concurrent_finishes_complete_exactly_once(redis_client: redis_lib.Redis
 def test_release_and_requeue(redis_client: redis_lib.Redis) -> None:
     store = make_batch(redis_client, "f", 1)
     store.seal("f", 1)
-    store.adopt("f", 0, "t", "w1", 60)
-    store.release("f", 0)
+    taken = store.adopt("f", 0, "t", "w1", 60)
+    assert store.release("f", 0, taken.epoch)
     assert store.counts("f")["queued"] == 1 and store.counts("f")["running"] == 0
     assert store.adopt("f", 0, "t", "w1", 60).attempts == 2
     store.finish("f", 0, "failed", {"status": "failed"})
@@ -123,12 +123,18 @@ def test_provider_queue_counts_running_rows_waiting_in_a_provider_queue(
 
     store = make_batch(redis_client, "q", 4)
     store.seal("q", 4)
-    for index in range(3):
-        store.adopt("q", index, "t", "w1", 60)
-    store.save_provider_memory("q", 0, {"state": "IN_QUEUE", "queue_position": 7})
-    store.save_provider_memory("q", 1, {"state": "IN_QUEUE", "queue_position": 2})
-    store.save_provider_memory("q", 2, {"state": "IN_PROGRESS", "queue_position": None})
-    store.save_provider_memory("q", 3, {"state": "IN_QUEUE", "queue_position": 99})  # between steps
+    memories = [
+        {"state": "IN_QUEUE", "queue_position": 7},
+        {"state": "IN_QUEUE", "queue_position": 2},
+        {"state": "IN_PROGRESS", "queue_position": None},
+        {"state": "IN_QUEUE", "queue_position": 99},  # row 3 is queued again, between steps
+    ]
+    for index, memory in enumerate(memories):
+        epoch = store.adopt("q", index, "t", "w1", 60).epoch
+        verdict = store.save_provider_memory("q", index, json.dumps(memory), epoch=epoch,
+                                             based_on="")  # fmt: skip
+        assert verdict is SaveVerdict.SAVED
+    assert store.release("q", 3, store.epoch("q", 3))
     assert provider_queue(store, "q") == (3, 99)
     store.finish("q", 3, "failed", {})
     store.finish("q", 0, "succeeded", {})
@@ -158,27 +164,101 @@ def test_heartbeat_keeps_leases_and_reports_rows_taken_over(
     for index in range(3):
         store.adopt("hb", index, "t", "w1", 0.3)
     time.sleep(0.15)
-    assert store.heartbeat("hb", [0, 1, 2], "w1", 0.3) == []  # pushed on: 0.3 s from now
+    beat = store.heartbeat("hb", [0, 1, 2], "w1", 0.3)  # pushed on: 0.3 s from now
+    assert beat.renewed == {0, 1, 2} and beat.lost == set()
     time.sleep(0.2)  # past the first lease, within the pushed one
     assert store.claim_lapsed("hb", reclaim_s=60) == []
     time.sleep(0.2)
     assert sorted(store.claim_lapsed("hb", reclaim_s=60)) == [0, 1, 2]
     assert store.counts("hb")["queued"] == 3 and store.counts("hb")["running"] == 0
     assert store.claim_lapsed("hb", reclaim_s=60) == []  # one watchdog takes each row
-    assert sorted(store.heartbeat("hb", [0, 1, 2], "w1", 60)) == [0, 1, 2]  # w1 lost them
+    beat = store.heartbeat("hb", [0, 1, 2], "w1", 60)
+    assert beat.lost == {0, 1, 2} and beat.renewed == set()  # w1 lost them
     assert store.adopt("hb", 0, "t", "w2", 60).verdict is StartVerdict.RUN
 
 
-def test_release_with_a_token_only_hands_back_a_row_still_held(
+def test_release_only_hands_back_a_row_still_held_at_that_epoch(
     redis_client: redis_lib.Redis,
 ) -> None:
     store = make_batch(redis_client, "rl", 1)
-    store.adopt("rl", 0, "t", "w1", 60)
-    assert not store.release("rl", 0, "w2")
+    epoch = store.adopt("rl", 0, "t", "w1", 60).epoch
+    assert not store.release("rl", 0, epoch - 1)
     assert store.counts("rl")["running"] == 1
-    assert store.release("rl", 0, "w1")
+    assert store.release("rl", 0, epoch)
     assert store.counts("rl")["queued"] == 1
+    assert not store.release("rl", 0, epoch)  # a second hand-back of the same hold
     assert store.adopt("rl", 0, "t", "w2", 60).verdict is StartVerdict.RUN
+
+
+# -- fencing: every change of hands moves the epoch on; stale writes are refused -----------
+
+
+def test_a_save_and_a_renewal_push_the_holders_lease_on(redis_client: redis_lib.Redis) -> None:
+    store = make_batch(redis_client, "rn", 1)
+    epoch = store.adopt("rn", 0, "t", "w1", 0.2).epoch
+    time.sleep(0.12)
+    assert store.renew("rn", 0, epoch, 0.2)
+    time.sleep(0.12)  # past the adopt's lease, within the renewal's
+    assert store.save_provider_memory("rn", 0, "{}", epoch=epoch, based_on="", lease_s=0.2) is (
+        SaveVerdict.SAVED
+    )
+    time.sleep(0.12)
+    assert store.claim_lapsed("rn", reclaim_s=60) == []
+    time.sleep(0.15)
+    assert store.claim_lapsed("rn", reclaim_s=60) == [0]
+    assert not store.renew("rn", 0, epoch, 60)  # claimed: that hold is over
+
+
+def test_every_change_of_hands_moves_the_epoch_on(redis_client: redis_lib.Redis) -> None:
+    store = make_batch(redis_client, "ep", 1)
+    store.seal("ep", 1)
+    seen = [store.epoch("ep", 0)]
+    seen.append(store.adopt("ep", 0, "t", "w1", 0.05).epoch)
+    assert store.epoch("ep", 0) == seen[-1]
+    time.sleep(0.1)
+    assert store.claim_lapsed("ep", reclaim_s=60) == [0]  # the lease lapsed
+    seen.append(store.epoch("ep", 0))
+    seen.append(store.adopt("ep", 0, "t", "w2", 60).epoch)
+    assert store.release("ep", 0, seen[-1])  # a hand-back
+    seen.append(store.epoch("ep", 0))
+    seen.append(store.adopt("ep", 0, "t", "w3", 60).epoch)
+    assert store.finish("ep", 0, "failed", {}, epoch=seen[-1]) is FinishVerdict.BATCH_COMPLETE
+    seen.append(store.epoch("ep", 0))
+    assert store.requeue_failed("ep", 0)  # `bgswap retry`
+    seen.append(store.epoch("ep", 0))
+    assert seen == sorted(set(seen)) and len(seen) == 8  # strictly increasing
+
+
+def test_a_stale_holder_can_neither_save_memory_nor_finish(
+    redis_client: redis_lib.Redis,
+) -> None:
+    store = make_batch(redis_client, "st2", 1)
+    store.seal("st2", 1)
+    old = store.adopt("st2", 0, "t", "w1", 0.05).epoch
+    saved = store.save_provider_memory(
+        "st2", 0, '{"a": 1}', epoch=old, based_on="", lease_s=0.05
+    )  # a save pushes the lease on, for as long again
+    assert saved is SaveVerdict.SAVED
+    time.sleep(0.1)
+    assert store.claim_lapsed("st2", reclaim_s=60) == [0]
+    taken = store.adopt("st2", 0, "t", "w2", 60)
+    assert taken.verdict is StartVerdict.RUN
+    new = taken.epoch
+    # the frozen first holder comes back: each of its writes is refused, nothing changes
+    stale = store.save_provider_memory("st2", 0, "{}", epoch=old, based_on='{"a": 1}')
+    assert stale is SaveVerdict.STALE
+    assert store.finish("st2", 0, "succeeded", {}, epoch=old) is FinishVerdict.STALE
+    assert not store.renew("st2", 0, old, 60) and store.renew("st2", 0, new, 60)
+    assert store.provider_memory("st2", 0) == {"a": 1}
+    assert store.counts("st2")["running"] == 1
+    assert store.heartbeat("st2", [0], "w2", 60).renewed == {0}  # w2's lease is untouched
+    # the holder's own writes go through, over what it read
+    changed = store.save_provider_memory("st2", 0, "{}", epoch=new, based_on="")
+    assert changed is SaveVerdict.CHANGED  # it did not base its write on what is stored
+    assert store.save_provider_memory("st2", 0, "{}", epoch=new, based_on='{"a": 1}') is (
+        SaveVerdict.SAVED
+    )
+    assert store.finish("st2", 0, "succeeded", {}, epoch=new) is FinishVerdict.BATCH_COMPLETE
 
 
 def test_finish_ends_the_hold_and_done_batches_leave_the_live_set(

@@ -13,10 +13,14 @@ is acked; from then on this process steps the row itself:
   ``worker_concurrency`` threads; computing steps, the local provider's: one per core)
   and it holds fewer than ``worker_max_rows``; ``adopt`` waits a little for room, then
   gives the row back to the queue, so the broker spreads work over every process.
-- **Leases.** A heartbeat thread pushes this process's leases on. If the process dies, its
-  leases lapse and another process's watchdog re-enqueues the rows; the provider's ids
-  are in Redis, so they resume polling, not paying. A row whose lease was taken over
-  (this process was presumed dead) is dropped here.
+- **Leases and fencing.** A heartbeat thread pushes this process's leases on. If the
+  process dies, its leases lapse and another process's watchdog re-enqueues the rows; the
+  provider's ids are in Redis, so they resume polling, not paying. A process that was
+  only frozen or cut off from Redis meanwhile must not act on those rows when it comes
+  back: each row's hold carries the epoch it was taken at (worker/hold.py), every write
+  that matters is refused once the row moved on (``Stale``: the row is dropped here), and
+  a row whose lease went unrenewed for half its length is re-checked with Redis before
+  its next step (``Unsure``).
 - **Admission.** A row that finds no rate token or in-flight slot (``Later(admission)``)
   waits in its provider's gate, first in first out: one probe at a time while the limit
   says no, all of them while it says yes, and at once when a row of this process frees
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from worker.hold import Hold, Stale, Unsure
 from worker.jobs import Job
 from worker.pipeline import Deps, Later, LocalRows, advance, begin
 
@@ -51,6 +56,7 @@ TRANSIENT_WAIT_S = 5.0  # a step that failed outside the row (Redis unreachable)
 class Held:
     job: Job
     attempt: int
+    hold: Hold
     cpu: bool = False  # its provider computes here (worker.providers.base: cpu_bound)
     retry: bool = False  # the next step is a new attempt
     lost: bool = False  # another process took the row over: drop it
@@ -77,13 +83,12 @@ class Engine:
         *,
         threads: int,
         max_rows: int,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deps = deps
         self.republish = republish
         self.threads = threads
         self.max_rows = max_rows
-        self.clock = clock
+        self.clock = deps.clock
         if deps.local is None:
             deps.local = LocalRows()  # the rows held here are this process's alone
         # Network steps on `threads` threads; computing steps (the local provider) on one
@@ -132,8 +137,8 @@ class Engine:
         try:
             begun = begin(batch_id, index, self.deps)
             if begun is not None:
-                cpu = self.deps.provider(begun[0].spec.provider).cpu_bound
-                held = Held(job=begun[0], attempt=begun[1], cpu=cpu)
+                cpu = self.deps.provider(begun.job.spec.provider).cpu_bound
+                held = Held(begun.job, begun.attempt, begun.hold, cpu=cpu)
         finally:
             with self._cv:
                 self._adopting -= 1
@@ -146,7 +151,7 @@ class Engine:
         self._held[key] = held
         gate = self._gates.get(held.job.spec.provider)
         local = self.deps.local
-        fresh = local is not None and local.memory.get(key) == "{}"
+        fresh = local is not None and local.untouched(key)
         if gate is not None and gate.waiting and fresh:
             # Rows are already waiting for admission and this one has nothing at the
             # provider yet: it joins the end of the line instead of asking the limiter
@@ -179,15 +184,7 @@ class Engine:
         held = self._held.get(key)
         later: Later | None = None
         if held is not None and not held.lost:
-            try:
-                if held.retry:
-                    held.attempt = self.deps.store.count_attempt(*key)
-                    held.retry = False
-                later = advance(held.job, self.deps, held.attempt)
-            except Exception as exc:  # Redis away, say: the row did nothing wrong
-                log.warning("row %s:%d step failed: %s; again in %gs",
-                            *key, exc, TRANSIENT_WAIT_S)  # fmt: skip
-                later = Later(TRANSIENT_WAIT_S, "wait")
+            later = self._run_step(key, held)
         with self._cv:
             if cpu:
                 self._cpu_busy -= 1
@@ -196,6 +193,51 @@ class Engine:
             if held is not None:  # else let go meanwhile (a shutdown that stopped waiting)
                 self._stepped(key, held, later)
             self._cv.notify_all()
+
+    def _run_step(self, key: Key, held: Held) -> Later | None:
+        """One step of a held row, on a step thread; None: the row is done with here."""
+        try:
+            if not held.hold.fresh():
+                self._recheck(key, held)
+            if held.retry:
+                held.attempt = self.deps.store.count_attempt(*key)
+                held.retry = False
+            return advance(held.job, self.deps, held.attempt, held.hold)
+        except Stale as lost:
+            log.warning("dropped row %s:%d: %s", *key, lost)
+            held.lost = True
+        except Unsure:
+            return self._after_unsure(key, held)
+        except Exception as exc:  # Redis away, say: the row did nothing wrong
+            log.warning("row %s:%d step failed: %s; again in %gs",
+                        *key, exc, TRANSIENT_WAIT_S)  # fmt: skip
+            return Later(TRANSIENT_WAIT_S, "wait")
+        return None
+
+    def _after_unsure(self, key: Key, held: Held) -> Later | None:
+        """The step stopped short because the lease may be lapsing: re-check now."""
+        try:
+            self._recheck(key, held)
+        except Stale as lost:
+            log.warning("dropped row %s:%d: %s", *key, lost)
+            held.lost = True
+            return None
+        except Exception as exc:
+            log.warning("row %s:%d: cannot re-check its lease (%s); again in %gs",
+                        *key, type(exc).__name__, TRANSIENT_WAIT_S)  # fmt: skip
+            return Later(TRANSIENT_WAIT_S, "wait")
+        return Later(0.0, "wait")
+
+    def _recheck(self, key: Key, held: Held) -> None:
+        """Ask Redis whether this process still holds the row, renewing its lease if so;
+        ``Stale`` if not."""
+        sent_at = self.clock()
+        beat = self.deps.store.heartbeat(
+            key[0], [key[1]], self.deps.token, self.deps.settings.row_lease_s
+        )
+        if key[1] not in beat.renewed:
+            raise Stale("its lease lapsed and another worker took it over")
+        held.hold.renewed(sent_at)
 
     def _stepped(self, key: Key, held: Held, later: Later | None) -> None:
         gate = self._gates.get(held.job.spec.provider)
@@ -279,19 +321,25 @@ class Engine:
     def beat(self) -> int:
         """Push this process's leases on; returns how many rows it lost to others."""
         with self._cv:
-            per_batch: dict[str, list[int]] = defaultdict(list)
-            for batch_id, index in self._held:
-                per_batch[batch_id].append(index)
+            per_batch: dict[str, dict[int, Held]] = defaultdict(dict)
+            for (batch_id, index), held in self._held.items():
+                per_batch[batch_id][index] = held
         lost = 0
-        for batch_id, indices in per_batch.items():
-            for index in self.deps.store.heartbeat(
-                batch_id, indices, self.deps.token, self.deps.settings.row_lease_s
-            ):
-                log.warning("row %s:%d was taken over by another worker", batch_id, index)
-                with self._cv:
-                    if (held := self._held.get((batch_id, index))) is not None:
-                        held.lost = True
-                lost += 1
+        for batch_id, rows in per_batch.items():
+            sent_at = self.clock()
+            beat = self.deps.store.heartbeat(
+                batch_id, list(rows), self.deps.token, self.deps.settings.row_lease_s
+            )
+            for index, held in rows.items():
+                if index in beat.renewed:
+                    held.hold.renewed(sent_at)
+                    continue
+                # Taken over (this process was presumed dead), or made terminal by
+                # another holder meanwhile: either way not this process's to step.
+                held.lost = True
+                if index in beat.lost:
+                    log.warning("row %s:%d was taken over by another worker", batch_id, index)
+                    lost += 1
         return lost
 
     # -- shutdown -----------------------------------------------------------------------
@@ -306,7 +354,7 @@ class Engine:
         with self._cv:
             while (self._busy or self._cpu_busy) and time.monotonic() < deadline:
                 self._cv.wait(0.1)
-            keys = [k for k, h in self._held.items() if not h.lost]
+            keys = [(k, h.hold.epoch) for k, h in self._held.items() if not h.lost]
             self._held.clear()
             if self.deps.local is not None:
                 self.deps.local.clear()
@@ -314,8 +362,8 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         handed = 0
-        for batch_id, index in keys:
-            if self.deps.store.release(batch_id, index, self.deps.token):
+        for (batch_id, index), epoch in keys:
+            if self.deps.store.release(batch_id, index, epoch):
                 self.republish(batch_id, index)
                 handed += 1
         if handed:

@@ -2,11 +2,13 @@
 
 A row's life in a worker process (worker/engine.py runs it):
 
-    begin (Redis: queued -> running, attempts + 1, a lease for this process;
-           a terminal row, or one another live process holds, is skipped)
+    begin (Redis: queued -> running, attempts + 1, a lease for this process and the
+           row's new epoch, its fencing token: worker/hold.py; a terminal row, or one
+           another live process holds, is skipped)
       -> advance, as often as needed: process_item: provider.step(job): a submit or a poll
-           -> done: upload every output (presigned PUT)
-              -> finish (Redis: running -> succeeded | failed, once; the lease ends)
+           -> done: check the hold, upload every output (presigned PUT)
+              -> finish (Redis: running -> succeeded | failed, once, if the epoch is
+                 still the row's; the lease ends)
                  -> finalize when it was the last row
            -> Later(wait | retry | admission): step again after that long
 
@@ -33,6 +35,7 @@ from worker.errors import (
     ProviderAccountError,
     RowCanceled,
 )
+from worker.hold import Hold, HoldLost, Stale
 from worker.jobs import Job
 from worker.limits import Deferred, ProviderLimits, RowLimits
 from worker.policy import retry_delay
@@ -40,7 +43,7 @@ from worker.providers import get_provider
 from worker.providers.base import Fetcher, Provider, ProviderContext, ProviderResult, Wait
 from worker.report import MANIFEST_CONTENT_TYPE, MANIFEST_NAME, spool_manifest
 from worker.settings import Settings
-from worker.state import BatchStore, FinishVerdict, StartVerdict
+from worker.state import BatchStore, FinishVerdict, SaveVerdict, StartVerdict
 from worker.storage import Storage, output_destination
 
 log = logging.getLogger("bgswap.worker")
@@ -63,6 +66,7 @@ class Deps:
     on_batch_complete: Callable[[str], None]
     rand: Callable[[], float]
     now: Callable[[], str] = utcnow_iso
+    clock: Callable[[], float] = time.monotonic  # for holds and the engine's timers
     # This process's name on the rows it holds (state.py: leases).
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The rows held by this process's engine (worker/engine.py sets it); None: no engine.
@@ -82,42 +86,73 @@ class Deps:
         return self._providers[name]
 
 
-@dataclass(frozen=True)
 class RowMemory:
-    """The provider's memory of one row, in Redis (see worker/providers/base.py: Memory).
+    """The provider's memory of one row, in Redis (see worker/providers/base.py: Memory),
+    written only under this process's hold.
 
-    With a ``cache`` (the engine's: a row it holds is its alone, under a lease) a load
-    after the first is served from this process; every save still goes to Redis first."""
+    Every save names the hold's epoch and the text it is based on (what this process last
+    loaded or saved): Redis refuses it once the row changed hands, or when the stored
+    memory is not what this process saw, and ``Stale`` ends the step. So a decision made
+    on an out-of-date copy -- a task id to submit under, "nothing submitted yet" -- never
+    reaches Redis, let alone the provider: a paid request goes out only after its intent
+    was saved this way. The hold's clock is checked first (``Unsure``: re-check).
 
-    store: BatchStore
-    batch_id: str
-    index: int
-    cache: LocalRows | None = None
+    With a ``cache`` (the engine's: a row it holds is its alone, under a lease) a load after
+    the first is served from this process; the save above is what proves it still right."""
+
+    def __init__(self, store: BatchStore, hold: Hold, cache: LocalRows | None = None) -> None:
+        self.store = store
+        self.hold = hold
+        self.cache = cache
+        self._key = (hold.batch_id, hold.index)
+        self._raw: str | None = None  # the stored text this process last saw
+
+    def _seen(self) -> str:
+        if self._raw is None:
+            cached = self.cache.memory.get(self._key) if self.cache is not None else None
+            if cached is None:
+                cached = self.store.raw_provider_memory(*self._key)
+                if self.cache is not None:
+                    self.cache.memory[self._key] = cached
+            self._raw = cached
+        return self._raw
 
     def load(self) -> dict[str, Any]:
-        key = (self.batch_id, self.index)
-        if self.cache is not None and key in self.cache.memory:
-            loaded: dict[str, Any] = json.loads(self.cache.memory[key])
-            return loaded
-        memory = self.store.provider_memory(self.batch_id, self.index) or {}
-        if self.cache is not None:
-            self.cache.memory[key] = json.dumps(memory)
-        return memory
+        raw = self._seen()
+        loaded: dict[str, Any] = json.loads(raw) if raw else {}
+        return loaded
 
     def save(self, memory: dict[str, Any]) -> None:
-        self.store.save_provider_memory(self.batch_id, self.index, memory)
+        hold = self.hold
+        hold.guard()
+        raw = json.dumps(memory)
+        sent_at = hold.clock()
+        verdict = self.store.save_provider_memory(
+            *self._key, raw, epoch=hold.epoch, based_on=self._seen(), lease_s=hold.lease_s
+        )
+        if verdict is not SaveVerdict.SAVED:
+            if self.cache is not None:
+                self.cache.drop(self._key)
+            raise Stale(f"row {self._key[0]}:{self._key[1]}: memory not saved ({verdict})")
+        hold.renewed(sent_at)  # the save pushed the lease on
+        self._raw = raw
         if self.cache is not None:
-            self.cache.memory[(self.batch_id, self.index)] = json.dumps(memory)
+            self.cache.memory[self._key] = raw
 
 
 @dataclass
 class LocalRows:
     """What a process knows of the rows its engine holds, so as not to ask Redis again:
     under a lease a held row is this process's alone. Filled when a row is taken (the
-    adopt script returns it all), dropped when the row is let go."""
+    adopt script returns it all), dropped when the row is let go. ``memory`` is the
+    provider's memory as stored ('' for none)."""
 
     memory: dict[tuple[str, int], str] = field(default_factory=dict)
     started_at: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def untouched(self, key: tuple[str, int]) -> bool:
+        """Nothing of the row is at its provider yet (no memory at all)."""
+        return self.memory.get(key) in ("", "{}")
 
     def drop(self, key: tuple[str, int]) -> None:
         self.memory.pop(key, None)
@@ -162,7 +197,7 @@ class BatchFlags:
             self._seen.pop(batch_id, None)
 
 
-def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
+def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
     """One step of the provider; when it is done, store every output and return the
     row's success record, else how long the row should wait."""
     provider = deps.provider(job.spec.provider)
@@ -174,10 +209,11 @@ def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
     ctx = ProviderContext(
         fetch=deps.fetch,
         max_image_pixels=deps.settings.max_image_pixels,
-        memory=RowMemory(deps.store, job.batch_id, job.index, deps.local),
+        memory=RowMemory(deps.store, hold, deps.local),
         storage=deps.storage,
         canceled=lambda: deps.flags.canceled(job.batch_id),
         limits=RowLimits(limits, job.job_id) if limits else None,
+        guard=hold.guard,
     )
     try:
         outcome = provider.step(job, ctx)
@@ -188,25 +224,35 @@ def process_item(job: Job, deps: Deps) -> dict[str, Any] | Wait:
         raise
     if isinstance(outcome, Wait):
         return outcome
+    hold.guard()
+    sent_at = hold.clock()
+    if not deps.store.renew(job.batch_id, job.index, hold.epoch, hold.lease_s):
+        # Another process has the row now: its results are that process's to write.
+        raise Stale(f"row {job.job_id}: taken over before its results were stored")
+    hold.renewed(sent_at)
     return {
         "status": "succeeded",
         "provider": provider.name,
         "model": provider.model,
         "prompt": job.spec.prompt,
-        "outputs": store_outputs(job, outcome, deps.storage),
+        "outputs": store_outputs(job, outcome, deps.storage, hold.guard),
         "cost_usd": outcome.cost_usd,
         "provider_task_id": outcome.provider_task_id,
         "error": None,
     }
 
 
-def store_outputs(job: Job, result: ProviderResult, storage: Storage) -> list[dict[str, Any]]:
+def store_outputs(
+    job: Job, result: ProviderResult, storage: Storage, guard: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """Upload each result; ``guard`` runs right before each upload (worker/hold.py)."""
     count = len(result.outputs)
     stored = []
     for n, image in enumerate(result.outputs, start=1):
         obj = image.stored
         if obj is None:
             dest = output_destination(job.dest, image.extension, n, count)
+            guard()
             obj = storage.put(dest, image.data, image.content_type)
         stored.append(
             {
@@ -237,12 +283,23 @@ class Later:
     kind: Literal["wait", "retry", "admission"]
 
 
-def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
-    """Take the row for this process (a lease in Redis); returns the job and its attempt
-    number, or None when there is nothing to do (terminal, held by another live process,
-    or failed here for coming back too often)."""
+@dataclass(frozen=True)
+class Begun:
+    """A row this process took: its job, which attempt this is, and the hold."""
+
+    job: Job
+    attempt: int
+    hold: Hold
+
+
+def begin(batch_id: str, index: int, deps: Deps) -> Begun | None:
+    """Take the row for this process (a lease in Redis and the row's new epoch), or None
+    when there is nothing to do (terminal, held by another live process, or failed here
+    for coming back too often)."""
     store = deps.store
-    started = store.adopt(batch_id, index, deps.now(), deps.token, deps.settings.row_lease_s)
+    lease_s = deps.settings.row_lease_s
+    sent_at = deps.clock()
+    started = store.adopt(batch_id, index, deps.now(), deps.token, lease_s)
     if started.verdict is StartVerdict.ALREADY_TERMINAL:
         log.info("row %s:%d already terminal, delivery ignored", batch_id, index)
         return None
@@ -252,9 +309,10 @@ def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
     if started.job is None:
         raise LookupError(f"{batch_id} row {index} has no job record")
     job = Job.model_validate_json(started.job)
+    hold = Hold(batch_id, index, started.epoch, lease_s, sent_at, deps.clock)
     if deps.local is not None:
         key = (batch_id, index)
-        deps.local.memory[key] = json.dumps(started.memory or {})
+        deps.local.memory[key] = started.memory
         if started.started_at:
             deps.local.started_at[key] = started.started_at
     if started.attempts > deps.settings.max_deliveries:
@@ -262,29 +320,33 @@ def begin(batch_id: str, index: int, deps: Deps) -> tuple[Job, int] | None:
             Codes.JOB_TOO_MANY_DELIVERIES,
             f"delivered {started.attempts} times without finishing (worker crashes?)",
         )
-        _finish(job, deps, _failure(job, err))
+        _finish(job, deps, _failure(job, err), hold)
         return None
-    return job, started.attempts
+    return Begun(job, started.attempts, hold)
 
 
-def advance(job: Job, deps: Deps, attempt: int) -> Later | None:
-    """One step of a held row: its terminal state is recorded (None), or it goes on later."""
+def advance(job: Job, deps: Deps, attempt: int, hold: Hold) -> Later | None:
+    """One step of a held row: its terminal state is recorded (None), or it goes on later.
+
+    Raises ``HoldLost`` (worker/hold.py) when this process may not act on the row."""
     try:
-        record = process_item(job, deps)
+        record = process_item(job, deps, hold)
+    except HoldLost:
+        raise
     except RowCanceled as err:
-        _finish(job, deps, {**_failure(job, err), "status": "canceled"})
+        _finish(job, deps, {**_failure(job, err), "status": "canceled"}, hold)
         return None
     except BgswapError as err:
-        return _on_error(job, deps, err, attempt)
+        return _on_error(job, deps, err, attempt, hold)
     except Exception as exc:  # a bug must fail its row, not loop or kill the batch
         log.error("row %s internal error: %s", job.job_id, type(exc).__name__)
         log.debug("internal error detail", exc_info=True)
         internal = PermanentError(Codes.JOB_INTERNAL, f"internal error ({type(exc).__name__})")
-        _finish(job, deps, _failure(job, internal))
+        _finish(job, deps, _failure(job, internal), hold)
         return None
     if isinstance(record, Wait):
         return Later(record.seconds, "wait")
-    _finish(job, deps, record)
+    _finish(job, deps, record, hold)
     return None
 
 
@@ -297,17 +359,19 @@ def handle_delivery(batch_id: str, index: int, deps: Deps) -> float | None:
     begun = begin(batch_id, index, deps)
     if begun is None:
         return None
-    job, attempt = begun
-    later = advance(job, deps, attempt)
+    try:
+        later = advance(begun.job, deps, begun.attempt, begun.hold)
+    except HoldLost:
+        return None  # another process has the row, or its lease lapses: its message comes back
     if later is None:
         return None
-    deps.store.release(batch_id, index)
+    deps.store.release(batch_id, index, begun.hold.epoch)
     if later.kind != "retry":
         deps.store.uncount_attempt(batch_id, index)
     return min(later.seconds, deps.settings.visibility_timeout_s / 2)
 
 
-def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | None:
+def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int, hold: Hold) -> Later | None:
     s = deps.settings
     if isinstance(err, Deferred):
         # Waiting for a rate token or a slot is not an attempt: nothing was tried. A token's
@@ -332,13 +396,13 @@ def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int) -> Later | N
     if deps.flags.canceled(job.batch_id, fresh=True):
         # The provider failed it because `bgswap cancel` canceled its request (fal answers
         # a canceled request with an error): the row was canceled, not failed.
-        _finish(job, deps, {**_failure(job, RowCanceled()), "status": "canceled"})
+        _finish(job, deps, {**_failure(job, RowCanceled()), "status": "canceled"}, hold)
         return None
     if err.retryable:
         err = PermanentError(
             Codes.JOB_RETRIES_EXHAUSTED, f"gave up after {attempt} attempts: {err.message}"
         )
-    _finish(job, deps, _failure(job, err))
+    _finish(job, deps, _failure(job, err), hold)
     return None
 
 
@@ -353,19 +417,24 @@ def _failure(job: Job, err: BgswapError) -> dict[str, Any]:
     }
 
 
-def _finish(job: Job, deps: Deps, record: dict[str, Any]) -> None:
-    limits = deps.limits(job.spec.provider)
-    if limits is not None:
-        limits.release(job.job_id)  # terminal: its in-flight slot is free
+def _finish(job: Job, deps: Deps, record: dict[str, Any], hold: Hold) -> None:
+    """Record the row's terminal state as its holder (``Stale`` if it is not any more),
+    free its in-flight slot, and enqueue the finalizer if this completed the batch."""
     key = (job.batch_id, job.index)
     known = deps.local.started_at.get(key) if deps.local is not None else None
     record["started_at"] = known or deps.store.started_at(job.batch_id, job.index)
     record["finished_at"] = deps.now()
+    verdict = deps.store.finish(
+        job.batch_id, job.index, record["status"], record,
+        cost_usd=record.get("cost_usd", 0.0), epoch=hold.epoch,
+    )  # fmt: skip
     if deps.local is not None:
         deps.local.drop(key)
-    verdict = deps.store.finish(
-        job.batch_id, job.index, record["status"], record, cost_usd=record.get("cost_usd", 0.0)
-    )
+    if verdict is FinishVerdict.STALE:
+        raise Stale(f"row {job.job_id}: taken over before its {record['status']} was recorded")
+    limits = deps.limits(job.spec.provider)
+    if limits is not None:
+        limits.release(job.job_id)  # terminal: its in-flight slot is free
     error = record.get("error")
     log.info("row %s %s%s", job.job_id, record["status"], f" ({error['code']})" if error else "")
     if verdict is FinishVerdict.BATCH_COMPLETE:

@@ -14,6 +14,7 @@ Lua scripts below may touch all of them atomically):
     bgswap:{B}:halt      hash  provider -> why it was stopped for this batch (auth, credit)
     bgswap:{B}:lease     hash  index -> token of the worker process holding the row
     bgswap:{B}:due       zset  index -> when that hold lapses (ms, Redis clock)
+    bgswap:{B}:epoch     hash  index -> fencing token: +1 each time the row changes hands
     bgswap:batches       zset  batch id by creation time
     bgswap:live          set   batches not yet done (what the watchdog looks at)
 
@@ -22,6 +23,14 @@ lease, its heartbeat pushes the lease on, ``finish`` or a hand-back ends it. A l
 lease is how a dead worker is noticed: the watchdog ``claim``s the row and re-enqueues
 it, and ``adopt`` refuses a row another live process holds, so a duplicate message never
 makes two processes work on one row.
+
+Fencing. A lease says who *should* work on a row; it cannot stop a process that was
+frozen (SIGSTOP, a paused VM) or cut off from Redis past its lease from acting on what
+it still holds in memory. So every change of hands -- adopt, a lapsed lease claimed, a
+hand-back, the terminal record, a retry -- moves the row's epoch on, and each holder
+keeps the epoch ``adopt`` gave it. Every write that matters (the provider's memory, the
+terminal record) names that epoch and is refused, atomically in its own script, once
+the row has moved on: a stale holder learns it on its first such write and drops the row.
 
 Batch status: submitting -> open -> finalizing -> done. Completion is counted, not
 chorded: the transition that makes ``terminal == total`` on an open batch flips it
@@ -52,6 +61,13 @@ class FinishVerdict(StrEnum):
     RECORDED = "recorded"
     BATCH_COMPLETE = "complete"  # this call made the batch complete: finalize it
     ALREADY_TERMINAL = "terminal"
+    STALE = "stale"  # the caller's epoch is not the row's any more: nothing was recorded
+
+
+class SaveVerdict(StrEnum):
+    SAVED = "saved"
+    STALE = "stale"  # the row changed hands since the caller's epoch
+    CHANGED = "changed"  # the stored memory is not what the caller based its write on
 
 
 # Scripts that read Redis's clock and then write are replicated by their effects (the
@@ -62,8 +78,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: state, counts, attempts, started, lease, due, jobs, provider; ARGV: index, now,
-# token, lease ms. Taking the row also returns what working on it needs (one round trip).
+# KEYS: state, counts, attempts, started, lease, due, jobs, provider, epoch; ARGV: index,
+# now, token, lease ms. Taking the row moves its epoch on, and returns it with everything
+# working on it needs (one round trip).
 _ADOPT = (
     _NOW_MS
     + """
@@ -86,40 +103,46 @@ redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[1])
 local attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+local epoch = redis.call('HINCRBY', KEYS[9], ARGV[1], 1)
 return {'run', attempts, redis.call('HGET', KEYS[7], ARGV[1]) or '',
-        redis.call('HGET', KEYS[4], ARGV[1]), redis.call('HGET', KEYS[8], ARGV[1]) or ''}
+        redis.call('HGET', KEYS[4], ARGV[1]), redis.call('HGET', KEYS[8], ARGV[1]) or '',
+        epoch}
 """
 )
 
-# KEYS: lease, due, state; ARGV: token, lease ms, index... Pushes on the holds still ours
-# and returns the live rows that are not ours any more (claimed by a watchdog: we were
-# presumed dead). A row that just became terminal is not lost, only finished.
+# KEYS: lease, due, state; ARGV: token, lease ms, index... Pushes on the holds still ours;
+# returns those (renewed) and the live rows that are not ours any more (lost: claimed by
+# a watchdog, we were presumed dead). A row that just became terminal is neither.
 _HEARTBEAT = (
     _NOW_MS
     + """
-local lost = {}
+local renewed, lost = {}, {}
 for i = 3, #ARGV do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[i])
+    table.insert(renewed, ARGV[i])
   else
     local state = redis.call('HGET', KEYS[3], ARGV[i])
     if state == 'queued' or state == 'running' then table.insert(lost, ARGV[i]) end
   end
 end
-return lost
+return {renewed, lost}
 """
 )
 
-# KEYS: state, counts, result, meta, lease, due; ARGV: index, new state, result json, cost,
+# KEYS: state, counts, result, meta, lease, due, epoch; ARGV: index, new state, result
+# json, cost, the holder's epoch ('' for a caller that holds no row: `bgswap cancel`),
 # allowed from...
 _FINISH = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur == false then return 'missing' end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[7], ARGV[1]) ~= ARGV[5] then return 'stale' end
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 local allowed = false
-for i = 5, #ARGV do if ARGV[i] == cur then allowed = true end end
+for i = 6, #ARGV do if ARGV[i] == cur then allowed = true end end
 if not allowed then return 'terminal' end
+redis.call('HINCRBY', KEYS[7], ARGV[1], 1)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[2], cur, -1)
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
@@ -149,9 +172,11 @@ end
 return 0
 """
 
-# KEYS: state, counts, result, meta, attempts, started, provider; ARGV: index. Failed -> queued.
+# KEYS: state, counts, result, meta, attempts, started, provider, epoch; ARGV: index.
+# Failed -> queued.
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'failed' then return 0 end
+redis.call('HINCRBY', KEYS[8], ARGV[1], 1)
 redis.call('HSET', KEYS[1], ARGV[1], 'queued')
 redis.call('HINCRBY', KEYS[2], 'failed', -1)
 redis.call('HINCRBY', KEYS[2], 'queued', 1)
@@ -165,15 +190,17 @@ return 1
 """
 
 
-# KEYS: state, counts, lease, due; ARGV: limit, reclaim ms. Rows whose hold lapsed: the
-# lease is dropped and the row queued again; its due time moves `reclaim` on, so one
-# watchdog (of many) takes it, and takes it again if the new message is lost too.
+# KEYS: state, counts, lease, due, epoch; ARGV: limit, reclaim ms. Rows whose hold
+# lapsed: the lease is dropped, the epoch moves on (the old holder is fenced off at once,
+# whether it is dead or only stalled) and the row is queued again; its due time moves
+# `reclaim` on, so one watchdog (of many) takes it, and again if the new message is lost.
 _CLAIM = (
     _NOW_MS
     + """
 local rows = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, ARGV[1])
 for _, row in ipairs(rows) do
   redis.call('HDEL', KEYS[3], row)
+  redis.call('HINCRBY', KEYS[5], row, 1)
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), row)
   if redis.call('HGET', KEYS[1], row) == 'running' then
     redis.call('HSET', KEYS[1], row, 'queued')
@@ -185,11 +212,12 @@ return rows
 """
 )
 
-# KEYS: state, counts, lease, due; ARGV: index, token ('' = any). A running row goes back
-# to queued and its hold ends (a retry through the queue, or a hand-back at shutdown).
+# KEYS: state, counts, lease, due, epoch; ARGV: index, epoch. A running row goes back to
+# queued and its hold ends (a retry through the queue, or a hand-back at shutdown), if the
+# caller's epoch is still the row's.
 _RELEASE = """
-local holder = redis.call('HGET', KEYS[3], ARGV[1])
-if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[5], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end
@@ -199,7 +227,34 @@ redis.call('HINCRBY', KEYS[2], 'queued', 1)
 return 1
 """
 
+# KEYS: epoch, provider, due; ARGV: index, epoch, the memory the caller based its write on
+# ('': none), the new memory, lease ms. The provider's memory of a row is written only by
+# its holder, and only over what that holder last saw: a stale in-process copy can never
+# overwrite it. The write also pushes the holder's lease on: it proves the hold is alive.
+_SAVE = (
+    _NOW_MS
+    + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 'stale' end
+if (redis.call('HGET', KEYS[2], ARGV[1]) or '') ~= ARGV[3] then return 'changed' end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[1])
+return 'saved'
+"""
+)
+
+# KEYS: epoch, due; ARGV: index, epoch, lease ms. The holder at that epoch pushes its lease
+# on; 0 when the row changed hands.
+_RENEW = (
+    _NOW_MS
+    + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
 LIVE_KEY = "bgswap:live"
+REDIS_TIMEOUT_S = 10.0
 
 
 def _key(batch_id: str, part: str) -> str:
@@ -212,7 +267,17 @@ class StartResult:
     attempts: int
     job: str | None = None  # the row's Job JSON, when taken
     started_at: str | None = None
-    memory: dict[str, Any] | None = None  # the provider's memory of the row, if any
+    memory: str = ""  # the provider's memory of the row, as stored ('' if none)
+    epoch: int = 0  # the row's fencing token for this holder
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat found: the rows whose lease it pushed on, and the live rows that
+    another process holds now (the others of those asked about have become terminal)."""
+
+    renewed: frozenset[int]
+    lost: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -242,10 +307,22 @@ class BatchStore:
         self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
         self._claim = client.register_script(_CLAIM)
+        self._save = client.register_script(_SAVE)
+        self._renew = client.register_script(_RENEW)
 
     @classmethod
     def from_url(cls, url: str) -> BatchStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        # A timeout on every call: a link that goes dark must not hang a worker's threads
+        # for ever (its leases would lapse unnoticed). No retry on timeout: a command that
+        # timed out may have run, and these are not all idempotent.
+        return cls(
+            redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+            )
+        )
 
     # -- batch lifecycle -------------------------------------------------
 
@@ -264,17 +341,15 @@ class BatchStore:
 
     # -- holds: which worker process works on a row, until when ---------------------
 
-    def heartbeat(
-        self, batch_id: str, indices: Sequence[int], token: str, lease_s: float
-    ) -> list[int]:
-        """Push on this process's holds; returns the rows it does not hold any more."""
+    def heartbeat(self, batch_id: str, indices: Sequence[int], token: str, lease_s: float) -> Beat:
+        """Push on this process's holds: which were renewed, which were lost to others."""
         keys = [_key(batch_id, "lease"), _key(batch_id, "due"), _key(batch_id, "state")]
-        lost = self._heartbeat(keys=keys, args=[token, int(lease_s * 1000), *indices])
-        return [int(i) for i in lost]
+        renewed, lost = self._heartbeat(keys=keys, args=[token, int(lease_s * 1000), *indices])
+        return Beat(frozenset(int(i) for i in renewed), frozenset(int(i) for i in lost))
 
     def claim_lapsed(self, batch_id: str, reclaim_s: float, limit: int = 500) -> list[int]:
         """Rows whose hold lapsed (their worker died), queued again for re-publishing."""
-        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due")]
+        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due", "epoch")]
         rows = self._claim(keys=keys, args=[limit, int(reclaim_s * 1000)])
         return [int(i) for i in rows]
 
@@ -345,18 +420,27 @@ class BatchStore:
     def adopt(self, batch_id: str, index: int, now: str, token: str, lease_s: float) -> StartResult:
         """Take the row for this process (``token``) for ``lease_s``: queued -> running,
         attempts + 1. A terminal row, or one another live process holds, is not taken."""
-        parts = ("state", "counts", "attempts", "started", "lease", "due", "jobs", "provider")
+        parts = ("state", "counts", "attempts", "started", "lease", "due", "jobs", "provider",
+                 "epoch")  # fmt: skip
         keys = [_key(batch_id, p) for p in parts]
         reply = self._adopt(keys=keys, args=[index, now, token, int(lease_s * 1000)])
         if reply[0] == "missing":
             raise BatchNotFound(f"{batch_id} row {index}")
         if reply[0] != "run":
             return StartResult(StartVerdict(reply[0]), int(reply[1]))
-        _, attempts, job, started_at, memory = reply
+        _, attempts, job, started_at, memory, epoch = reply
         return StartResult(
-            StartVerdict.RUN, int(attempts), job or None, started_at,
-            json.loads(memory) if memory else None,
-        )  # fmt: skip
+            StartVerdict.RUN, int(attempts), job or None, started_at, memory, int(epoch)
+        )
+
+    def epoch(self, batch_id: str, index: int) -> int:
+        """The row's fencing token now (0 before anyone took it)."""
+        return int(self.redis.hget(_key(batch_id, "epoch"), str(index)) or 0)
+
+    def renew(self, batch_id: str, index: int, epoch: int, lease_s: float) -> bool:
+        """Push on the lease of the row's holder at ``epoch``; False: the row changed hands."""
+        keys = [_key(batch_id, "epoch"), _key(batch_id, "due")]
+        return bool(self._renew(keys=keys, args=[index, epoch, int(lease_s * 1000)]))
 
     def count_attempt(self, batch_id: str, index: int) -> int:
         """A held row tries again (a retry): one more attempt."""
@@ -374,29 +458,55 @@ class BatchStore:
         result: dict[str, Any],
         *,
         cost_usd: float = 0.0,
+        epoch: int | None = None,
         allowed_from: Sequence[str] = ("queued", "running"),
     ) -> FinishVerdict:
-        """Record a row's terminal state once; later calls for the same row are no-ops."""
-        keys = [_key(batch_id, p) for p in ("state", "counts", "result", "meta", "lease", "due")]
-        args: list[str | int] = [index, state, json.dumps(result), repr(cost_usd), *allowed_from]
+        """Record a row's terminal state once; later calls for the same row are no-ops.
+
+        A holder passes its ``epoch``: once the row has changed hands, nothing is recorded
+        (``STALE``). Callers that hold no row (cancel) pass None."""
+        parts = ("state", "counts", "result", "meta", "lease", "due", "epoch")
+        keys = [_key(batch_id, p) for p in parts]
+        fence = "" if epoch is None else str(epoch)
+        args: list[str | int] = [
+            index, state, json.dumps(result), repr(cost_usd), fence, *allowed_from
+        ]  # fmt: skip
         verdict = self._finish(keys=keys, args=args)
         if verdict == "missing":
             raise BatchNotFound(f"{batch_id} row {index}")
         return FinishVerdict(verdict)
 
-    def release(self, batch_id: str, index: int, token: str = "") -> bool:
-        """The row goes back to the queue (not terminal, not running) and its hold ends;
-        with a ``token``, only if that process still holds it."""
-        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due")]
-        return bool(self._release(keys=keys, args=[index, token]))
+    def release(self, batch_id: str, index: int, epoch: int) -> bool:
+        """The row goes back to the queue (not terminal, not running) and its hold ends,
+        if ``epoch`` is still the row's (the caller still holds it)."""
+        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due", "epoch")]
+        return bool(self._release(keys=keys, args=[index, epoch]))
 
     def provider_memory(self, batch_id: str, index: int) -> dict[str, Any] | None:
         """What the provider saved for this row (its task id...), surviving worker deaths."""
-        raw = self.redis.hget(_key(batch_id, "provider"), str(index))
+        raw = self.raw_provider_memory(batch_id, index)
         return json.loads(raw) if raw else None
 
-    def save_provider_memory(self, batch_id: str, index: int, memory: dict[str, Any]) -> None:
-        self.redis.hset(_key(batch_id, "provider"), str(index), json.dumps(memory))
+    def raw_provider_memory(self, batch_id: str, index: int) -> str:
+        raw: str | None = self.redis.hget(_key(batch_id, "provider"), str(index))
+        return raw or ""
+
+    def save_provider_memory(
+        self,
+        batch_id: str,
+        index: int,
+        memory: str,
+        *,
+        epoch: int,
+        based_on: str,
+        lease_s: float = 60.0,
+    ) -> SaveVerdict:
+        """Write the provider's memory of a row (JSON text) as its holder at ``epoch``, over
+        ``based_on`` (the text that holder last read or wrote; '' for none), and push its
+        lease on for ``lease_s``."""
+        keys = [_key(batch_id, "epoch"), _key(batch_id, "provider"), _key(batch_id, "due")]
+        args: list[str | int] = [index, epoch, based_on, memory, int(lease_s * 1000)]
+        return SaveVerdict(self._save(keys=keys, args=args))
 
     def is_canceled(self, batch_id: str) -> bool:
         return bool(self.redis.hget(_key(batch_id, "meta"), "canceled"))
@@ -418,7 +528,7 @@ class BatchStore:
         self.redis.hincrby(_key(batch_id, "attempts"), str(index), -1)
 
     def requeue_failed(self, batch_id: str, index: int) -> bool:
-        parts = ("state", "counts", "result", "meta", "attempts", "started", "provider")
+        parts = ("state", "counts", "result", "meta", "attempts", "started", "provider", "epoch")
         requeued = bool(self._requeue(keys=[_key(batch_id, p) for p in parts], args=[index]))
         if requeued:
             self.redis.sadd(LIVE_KEY, batch_id)

@@ -87,6 +87,9 @@ class ProviderContext:
     canceled: Callable[[], bool] = lambda: False
     # The provider account's global limits (worker/limits.py); None: unlimited.
     limits: RowLimits | None = None
+    # Raises when this worker may not act on the row now (worker/hold.py): called right
+    # before a paid request goes out, after its intent was saved in ``memory``.
+    guard: Callable[[], None] = lambda: None
 
 
 class Provider(Protocol):
