@@ -719,12 +719,48 @@ def test_status_fault_5xx_on_a_route(fake: FakeFal, files: FileServer) -> None:
     wait_completed(reply)
 
 
+def test_fal_names_the_request_in_every_answer_of_its_own(fake: FakeFal, files: FileServer) -> None:
+    reply = accepted(fake, make_body(files))
+    response = submit(fake, make_body(files))
+    assert response.headers["x-fal-request-id"] == response.json()["request_id"]
+    for url in (reply["status_url"], reply["response_url"]):
+        assert HTTP.get(url, headers=AUTH).headers["x-fal-request-id"] == reply["request_id"]
+    refused = submit(fake, {"prompt": "no image"})
+    assert refused.status_code == 422
+    named = refused.headers["x-fal-request-id"]
+    assert named not in fake.submitted  # named, but nothing queued under it
+    assert HTTP.get(reply["status_url"].replace(reply["request_id"], named),
+                    headers=AUTH).status_code == 404  # fmt: skip
+    fake.inject("status", status=500, error_type="internal_error")
+    own_5xx = submit(fake, make_body(files))
+    assert own_5xx.status_code == 500 and "x-fal-request-id" in own_5xx.headers
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_an_ingress_page_names_no_request(fake: FakeFal, files: FileServer, status: int) -> None:
+    fake.inject("status", status=status, ingress=True)
+    response = submit(fake, make_body(files))
+    assert response.status_code == status
+    assert "nginx" in response.text and response.headers["content-type"] == "text/html"
+    assert "x-fal-request-id" not in response.headers
+    assert fake.submitted == []
+
+
+def test_foreign_urls_name_another_host(fake: FakeFal, files: FileServer) -> None:
+    fake.inject("foreign_urls", base="http://elsewhere.invalid:81")
+    reply = accepted(fake, make_body(files))
+    for name in ("status_url", "response_url", "cancel_url"):
+        assert reply[name].startswith("http://elsewhere.invalid:81/fal-ai/ideogram/requests/")
+    assert accepted(fake, make_body(files))["status_url"].startswith(fake.queue_url)
+
+
 def test_accept_then_status_bills_and_runs(fake: FakeFal, files: FileServer) -> None:
     fake.inject("accept_then_status")
     response = submit(fake, make_body(files))
     assert response.status_code == 502
     assert "error_type" in response.json()
     (request_id,) = fake.submitted
+    assert response.headers["x-fal-request-id"] == request_id  # fal's own: it names it
     deadline = time.monotonic() + 2
     while fake.status_of(request_id) != "COMPLETED" and time.monotonic() < deadline:
         time.sleep(0.01)

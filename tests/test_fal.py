@@ -9,6 +9,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
@@ -317,13 +318,15 @@ def test_an_expired_result_fails_the_row(fake: FakeFal, seed_url: str) -> None:
     ("kind", "params"),
     [
         ("status", {"status": 429, "retry_after": "1"}),
-        ("status", {"status": 503, "error_type": "runner_unavailable"}),
-        ("status", {"status": 500, "error_type": "internal_error"}),
+        ("status", {"status": 502, "ingress": True}),
+        ("status", {"status": 503, "ingress": True}),
+        ("status", {"status": 504, "ingress": True}),
     ],
 )
 def test_refused_submits_are_retried_and_paid_once(
     fake: FakeFal, seed_url: str, kind: str, params: dict[str, Any]
 ) -> None:
+    """A 429, or an ingress page (nginx, no x-fal-request-id): nothing reached the queue."""
     fake.inject(kind, **params)  # type: ignore[arg-type]
     runner = Runner(settings_for(fake), spec(seed_url))
     with pytest.raises(ProviderUnavailable) as info:
@@ -338,8 +341,8 @@ def test_refused_submits_are_retried_and_paid_once(
     ("kind", "params", "accepted"),
     [
         ("accept_then_drop", {}, 1),
-        ("malformed", {"after_accept": True}, 1),
-        ("malformed", {}, 0),
+        ("malformed", {}, 0),  # named a request fal then does not know
+        ("status", {"status": 500, "error_type": "internal_error"}, 0),  # likewise
         (
             "accept_then_status",
             {"status": 502, "body": b"<html>Bad gateway</html>", "content_type": "text/html"},
@@ -352,7 +355,7 @@ def test_unknown_outcomes_are_never_resubmitted(
     fake: FakeFal, seed_url: str, kind: str, params: dict[str, Any], accepted: int
 ) -> None:
     fake.inject(kind, **params)  # type: ignore[arg-type]
-    runner = Runner(settings_for(fake, fal_http_timeout_s=1.0), spec(seed_url))
+    runner = Runner(settings_for(fake, fal_submit_timeout_s=1.0), spec(seed_url))
     for _ in range(2):  # the first delivery, then a redelivery of the same row
         with pytest.raises(ProviderRejected) as info:
             runner.run()
@@ -373,11 +376,65 @@ def test_resubmit_unknown_opt_in(fake: FakeFal, seed_url: str) -> None:
     assert fake.submit_count() == 2  # the documented price of opting in
 
 
-def test_fal_own_5xx_after_accept_is_the_documented_window(fake: FakeFal, seed_url: str) -> None:
-    """fal documents 5xx as not billed, so a 5xx with fal's error type is retried."""
-    fake.inject("accept_then_status", status=503, error_type="runner_unavailable")
-    result = Runner(settings_for(fake), spec(seed_url)).run_until_done()
-    assert len(result.outputs) == 1 and fake.submit_count() == 2
+def test_resubmit_unknown_opt_in_after_a_named_request_fal_does_not_know(
+    fake: FakeFal, seed_url: str
+) -> None:
+    fake.inject("status", status=500, error_type="internal_error")
+    runner = Runner(settings_for(fake, fal_resubmit_unknown=True), spec(seed_url))
+    assert len(runner.run_until_done().outputs) == 1
+    assert fake.submit_count() == 1  # the first was never queued: paid once after all
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("accept_then_status", {"status": 503, "error_type": "runner_unavailable"}),
+        ("accept_then_status", {"status": 500, "error_type": "internal_error"}),
+        ("malformed", {"after_accept": True}),
+    ],
+)
+def test_an_answer_naming_its_request_is_polled_not_resent(
+    fake: FakeFal, seed_url: str, kind: str, params: dict[str, Any]
+) -> None:
+    """fal's own 5xx (or an unreadable 2xx) carries x-fal-request-id: it reached fal, which
+    named the request. fal_client never re-sends those; bgswap polls the request named."""
+    fake.inject(kind, **params)  # type: ignore[arg-type]
+    runner = Runner(settings_for(fake), spec(seed_url))
+    result = runner.run()
+    assert len(result.outputs) == 1
+    assert fake.submit_count() == 1 and result.provider_task_id == fake.submitted[0]
+    assert "unconfirmed" not in runner.memory.value  # fal knew it: a request like any other
+    status_url = runner.memory.value["status_url"]
+    assert status_url.startswith(f"{fake.queue_url}/fal-ai/ideogram/requests/")  # owner/app
+
+
+def test_a_slow_queue_answer_is_waited_for(fake: FakeFal, seed_url: str) -> None:
+    """The submit waits as long as fal_client does (120 s), not the 30 s of other calls."""
+    fake.inject("slow", delay_s=2.0)
+    runner = Runner(settings_for(fake, fal_http_timeout_s=1.0), spec(seed_url))
+    assert len(runner.run().outputs) == 1
+    assert fake.submit_count() == 1
+
+
+def test_urls_off_the_queue_host_are_refused_and_the_key_goes_nowhere(
+    fake: FakeFal, seed_url: str, files: FileServer
+) -> None:
+    fake.inject("foreign_urls", base=files.url(""))
+    runner = Runner(settings_for(fake), spec(seed_url))
+    with pytest.raises(ProviderRejected) as info:
+        runner.run()
+    assert info.value.code == Codes.PROVIDER_BAD_RESPONSE and not info.value.retryable
+    assert "status_url" not in runner.memory.value  # never saved, so never followed
+    assert not runner.provider.cancel({"cancel_url": files.url("/fal-ai/x/requests/1/cancel")})
+    assert {r.path for r in files.requests} <= {"/seed.png"}  # at most the source, by fal
+    assert all("authorization" not in r.headers for r in files.requests)
+    assert fake.submit_count() == 1
+
+
+def test_status_polls_ask_for_no_logs(fake: FakeFal, seed_url: str) -> None:
+    Runner(settings_for(fake), spec(seed_url)).run()
+    polls = [r for r in fake.requests if urlsplit(r.path).path.endswith("/status")]
+    assert polls and all(parse_qs(urlsplit(r.path).query) == {"logs": ["0"]} for r in polls)
 
 
 def test_a_resumed_job_polls_instead_of_submitting(fake: FakeFal, seed_url: str) -> None:

@@ -83,7 +83,7 @@ def test_fal_key_never_reaches_redis_logs_or_the_manifest(
     (tmp_path / "local.png").write_bytes(png("mug"))
     caplog.set_level(logging.DEBUG)
     with FakeFal(KEY, queue_s=0.05, processing_s=0.05) as fake:
-        fake.inject("status", status=503, error_type="runner_unavailable")
+        fake.inject("status", status=503, ingress=True)  # retried: it never reached fal
         submit_and_deliver(
             fal_settings(fake, redis_url),
             "fal",

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # fal (worker/providers/fal.py; the README explains each).
     fal_timeout_s: float = Field(default=1200.0, gt=0)
     fal_http_timeout_s: float = Field(default=30.0, gt=0)
+    # How long a submit waits for its answer: fal_client's 120 s. A slow queue answers
+    # late; giving up sooner would turn a paid request into an unknown outcome.
+    fal_submit_timeout_s: float = Field(default=120.0, gt=0)
     fal_poll_initial_s: float = Field(default=1.0, gt=0)
     fal_poll_max_s: float = Field(default=10.0, gt=0)
     fal_start_timeout_s: int | None = Field(default=None, gt=0)

@@ -47,6 +47,12 @@ Headers: ``X-Fal-Request-Timeout`` (positive seconds: the deadline to START),
 ``fal_webhook`` (an http(s) URL) and ``fal_max_queue_length`` (429 when that many requests
 already wait); a bad value of any of them: 400 ``{"detail"}``.
 
+Every answer of fal's own queue server (submit, status, result, cancel; its refusals and
+errors too) carries ``x-fal-request-id``: the accepted request's id, the id in the path,
+or a fresh id for a refused submit (fal named it, nothing was queued). Answers from in
+front of fal -- an ingress page (``ingress=True``: nginx's HTML, 502/503/504) or any raw
+``body`` a fault gives -- carry none, nor does a dropped connection.
+
 Every accepted submit is a new request (no idempotency): ``submitted``, ``submissions``,
 ``submit_count()``. ``billed()`` is what fal would charge: the requests that started, minus
 runner (5xx) failures.
@@ -102,14 +108,16 @@ Fault injection (``inject``; consumable, thread-safe; ``route="auto"`` is ``"sub
 kind's only route, ``None`` any API route): ``status`` (answer ``status`` before anything is
 accepted: 429 ``{"detail"}`` + ``X-Fal-needs-retry: 1`` (``needs_retry=False`` to leave it
 out); 5xx the flat ``{"detail", "error_type"}`` (``error_type``, default
-runner_server_error) + ``X-Fal-Error-Type``; others ``{"detail"}``; ``retry_after``, ``detail``,
-a raw ``body`` (+ ``content_type``) optional), ``accept_then_status`` (submit: accept, then
-answer ``status``, default 502, built the same way), ``accept_then_drop`` (submit: accept, then
+runner_server_error) + ``X-Fal-Error-Type``, or with ``ingress=True`` the ingress's nginx page;
+others ``{"detail"}``; ``retry_after``, ``detail``, a raw ``body`` (+ ``content_type``)
+optional), ``accept_then_status`` (submit: accept, then answer ``status``, default 502,
+built the same way: fal's own 5xx names the accepted request), ``accept_then_drop`` (submit: accept, then
 close the connection unanswered), ``malformed`` (200 with a non-JSON ``body``;
 ``after_accept=True``: submit, accepted first), ``slow`` (wait ``delay_s``, then handle
 normally), ``model_error`` (the next accepted request completes with ``type``; optional
 ``message``, ``status``, ``loc``), ``expire`` (the next read of a completed result answers 404
-and the request is gone from then on; optional ``request_id``).
+and the request is gone from then on; optional ``request_id``), ``foreign_urls`` (submit:
+the next accepted request's status, response and cancel URLs name ``base``, another host).
 """
 
 from __future__ import annotations
@@ -169,12 +177,13 @@ NOT_FOUND = "Request not found"
 Route = Literal["submit", "status", "result", "cancel", "initiate"]
 FaultKind = Literal[
     "status", "accept_then_status", "accept_then_drop", "malformed", "slow", "model_error",
-    "expire",
+    "expire", "foreign_urls",
 ]  # fmt: skip
 FAULT_KINDS = frozenset(
     {"status", "accept_then_status", "accept_then_drop", "malformed", "slow", "model_error",
-     "expire"}
+     "expire", "foreign_urls"}
 )  # fmt: skip
+REQUEST_ID_HEADER = "x-fal-request-id"
 ROUTES: tuple[str, ...] = ("submit", "status", "result", "cancel", "initiate")
 _METHODS: dict[str, str] = {
     "submit": "POST", "status": "GET", "result": "GET", "cancel": "PUT", "initiate": "POST",
@@ -183,12 +192,14 @@ _FAULT_REQUIRED: dict[str, tuple[str, ...]] = {
     "status": ("status",),
     "slow": ("delay_s",),
     "model_error": ("type",),
+    "foreign_urls": ("base",),
 }
 _FIXED_ROUTES: dict[str, str] = {
     "accept_then_status": "submit",
     "accept_then_drop": "submit",
     "model_error": "submit",
     "expire": "result",
+    "foreign_urls": "submit",
 }
 # Infrastructure errors: the flat body, with their status and default message.
 _INFRA: dict[str, tuple[int, str]] = {
@@ -613,10 +624,39 @@ class _Request:
     expired: bool = False
 
 
+_REASONS = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
+
+
+def _ingress_page(status: int) -> bytes:
+    """What nginx in front of fal answers when it cannot reach fal behind it."""
+    title = f"{status} {_REASONS.get(status, 'Error')}"
+    return (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
+
+
+def _by_fal(fault: Fault) -> bool:
+    """Whether the fault's answer comes from fal's own server (and so names a request)."""
+    params = fault.params
+    return fault.kind != "accept_then_drop" and "body" not in params and not params.get("ingress")
+
+
+def _named(reply: Reply, request_id: str) -> Reply:
+    """``reply`` as fal's server sends it: with the id of the request it is about."""
+    headers = {**reply.headers, REQUEST_ID_HEADER: request_id or str(uuid.uuid4())}
+    return Reply(reply.status, reply.body, headers, reply.drop)
+
+
 def _status_fault_reply(status: int, params: Mapping[str, Any]) -> Reply:
     headers: dict[str, str] = {}
     if params.get("retry_after") is not None:
         headers["Retry-After"] = str(params["retry_after"])
+    if params.get("ingress"):
+        if status not in _REASONS:
+            raise ValueError(f"the ingress answers 502, 503 or 504, not {status}")
+        return Reply(status, _ingress_page(status), {"Content-Type": "text/html", **headers})
     if "body" in params:
         content_type = params.get("content_type", "text/html")
         return Reply(status, params["body"], {"Content-Type": content_type, **headers})
@@ -821,14 +861,18 @@ class FakeFal(FakeHTTPServer):
         if slow is not None and self.stopping.wait(float(slow.params["delay_s"])):
             return Reply(0, drop=True)
         if call.method != _METHODS[route]:
-            return json_reply(405, {"detail": "Method Not Allowed"}, {"Allow": _METHODS[route]})
+            allow = {"Allow": _METHODS[route]}
+            return _named(json_reply(405, {"detail": "Method Not Allowed"}, allow), request_id)
         refusal = self._check_auth(call)
         if refusal is not None:
-            return refusal
+            return _named(refusal, request_id)
         pre = self._faults.take((route,), Fault.is_pre_accept)
         if pre is not None:
-            return _fault_reply(pre)
-        return self._routes[route](call, raw, request_id)
+            reply = _fault_reply(pre)
+            return _named(reply, request_id) if _by_fal(pre) else reply
+        reply = self._routes[route](call, raw, request_id)
+        # The submit names its own request; storage (rest.fal.ai) is another service.
+        return reply if route in ("submit", "initiate") else _named(reply, request_id)
 
     def _check_auth(self, call: RecordedCall) -> Reply | None:
         scheme, _, key = call.headers.get("authorization", "").partition(" ")
@@ -851,22 +895,25 @@ class FakeFal(FakeHTTPServer):
         if not issues:
             issues = _INPUT(body, ("body",))
         if issues and self.validation == "submit":
-            return json_reply(422, {"detail": self._styled(issues)})
+            return _named(json_reply(422, {"detail": self._styled(issues)}), "")
         options = _submit_options(call)
         if isinstance(options, str):
-            return json_reply(400, {"detail": options})
+            return _named(json_reply(400, {"detail": options}), "")
         with self.lock:
             now = time.monotonic()
             self._advance(now)
             if options.max_queue is not None and len(self._waiting) >= options.max_queue:
                 detail = f"Queue is full: {len(self._waiting)} requests are waiting"
-                return json_reply(429, {"detail": detail})
+                return _named(json_reply(429, {"detail": detail}), "")
             request = self._accept(call, body, issues, options, now)
             position = len(self._waiting) - 1
             post = self._faults.take(("submit",), Fault.is_post_accept)
+            foreign = self._faults.take(("submit",), lambda f: f.kind == "foreign_urls")
         if post is not None:
-            return _fault_reply(post)
-        return json_reply(200, {**self._links(request), "queue_position": position})
+            reply = _fault_reply(post)
+            return _named(reply, request.request_id) if _by_fal(post) else reply
+        links = self._links(request, foreign.params["base"] if foreign else None)
+        return _named(json_reply(200, {**links, "queue_position": position}), request.request_id)
 
     def _styled(self, issues: list[Issue]) -> list[Issue]:
         return [_as_v1(issue) for issue in issues] if self.error_style == "v1" else issues
@@ -897,8 +944,8 @@ class FakeFal(FakeHTTPServer):
         self.submissions[request.request_id] = body
         return request
 
-    def _links(self, request: _Request) -> dict[str, str]:
-        response_url = f"{self.queue_url}/{APP}/requests/{request.request_id}"
+    def _links(self, request: _Request, base: str | None = None) -> dict[str, str]:
+        response_url = f"{base or self.queue_url}/{APP}/requests/{request.request_id}"
         return {
             "request_id": request.request_id,
             "response_url": response_url,

@@ -15,13 +15,19 @@ request_id, saved in the row's memory the moment the submit answer is read:
                                            BGSWAP_FAL_RESUBMIT_UNKNOWN=1
     otherwise: uploads (free) -> save "submitting" -> POST -> save request_id -> poll
 
-A connect error, a 429 or a 5xx answer carrying fal's own error type means nothing was
-queued (fal does not bill 5xx), so those are retried freely. What remains unavoidable is
-the window between fal accepting a submit and bgswap reading its answer: a timeout, a
-dropped connection, an unreadable 2xx or a gateway's 5xx page there leaves the outcome
-unknown. bgswap then refuses to guess (by default) and says so, rather than risk paying
-twice. (If fal itself ever answered a 5xx with its error type after queuing, that would
-be paid twice: fal documents 5xx as not billed, which is what this trusts.)
+What each answer to a submit means, as fal's own client (fal_client) decides:
+
+    2xx with its ids ──────────────────────────────────────> queued: poll
+    a connect error, 429, another 4xx ─────────────────────> nothing queued: retry / fail
+    no usable body but `x-fal-request-id` (a 5xx, junk) ───> it reached fal, which named
+                                   the request: poll that id (owner/app URLs); fal does
+                                   not know it (404) -> unknown
+    502/503/504 page from the ingress (nginx, no header) ──> never reached fal: retry
+    a timeout, a dropped connection, anything else ────────> unknown
+
+The submit waits up to ``submit_timeout_s`` (120 s, fal_client's) for its answer, so a
+slow queue is not mistaken for a lost one. The status, response and cancel URLs fal
+names are followed only on the configured queue host: the key never goes elsewhere.
 """
 
 from __future__ import annotations
@@ -58,7 +64,11 @@ from worker.settings import Settings
 log = logging.getLogger("bgswap.fal")
 
 ENDPOINT = "fal-ai/ideogram/v3/replace-background"
+APP = "fal-ai/ideogram"  # owner/app: the form of the request URLs
 MODEL = ENDPOINT
+REQUEST_ID_HEADER = "x-fal-request-id"
+INGRESS_STATUSES = frozenset({502, 503, 504})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 PRICE_PER_IMAGE = {"TURBO": 0.03, "BALANCED": 0.06, "QUALITY": 0.09}
 # Model error types (422 `detail[].type`) that keep their name in error.code.
 MODEL_ERROR_TYPES = frozenset(
@@ -73,6 +83,7 @@ class FalConfig:
     rest_url: str
     timeout_s: float = 1200.0
     http_timeout_s: float = 30.0
+    submit_timeout_s: float = 120.0
     poll_initial_s: float = 1.0
     poll_max_s: float = 10.0
     start_timeout_s: int | None = None
@@ -86,6 +97,7 @@ class FalConfig:
             rest_url=s.fal_rest_url.rstrip("/"),
             timeout_s=s.fal_timeout_s,
             http_timeout_s=s.fal_http_timeout_s,
+            submit_timeout_s=s.fal_submit_timeout_s,
             poll_initial_s=s.fal_poll_initial_s,
             poll_max_s=s.fal_poll_max_s,
             start_timeout_s=s.fal_start_timeout_s,
@@ -222,6 +234,36 @@ def classify(err: FalError) -> BgswapError:
     return ProviderUnavailable(code, text, retry_after_s=err.retry_after_s)
 
 
+def is_ingress_page(response: httpx.Response) -> bool:
+    """A 502/503/504 from the ingress in front of fal (an nginx page, no request id): the
+    request never reached fal (fal_client's test, which retries these)."""
+    return (
+        response.status_code in INGRESS_STATUSES
+        and REQUEST_ID_HEADER not in response.headers
+        and "nginx" in response.text.lower()
+    )
+
+
+def same_origin(url: str, origin: str) -> bool:
+    """``url`` has the scheme, host and port of ``origin`` (the configured queue URL)."""
+    try:
+        a, b = httpx.URL(url), httpx.URL(origin)
+    except httpx.InvalidURL:
+        return False
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port) and bool(a.host)
+
+
+def request_urls(queue_url: str, request_id: str) -> dict[str, str]:
+    """The owner/app URLs of a request fal named without its answer (a header only)."""
+    response_url = f"{queue_url}/{APP}/requests/{request_id}"
+    return {
+        "request_id": request_id,
+        "status_url": f"{response_url}/status",
+        "response_url": response_url,
+        "cancel_url": f"{response_url}/cancel",
+    }
+
+
 class RequestFailed(ProviderUnavailable):
     """The queued request completed with a retryable failure (a runner died...): it was
     not billed (5xx), and the next attempt submits a new request."""
@@ -272,7 +314,7 @@ class FalProvider:
     def cancel(self, memory: dict[str, Any]) -> bool:
         """Ask fal to cancel a row's in-flight request; True when it accepted."""
         url = memory.get("cancel_url")
-        if not url:
+        if not url or not same_origin(url, self.cfg.queue_url):
             return False
         response = send(self.http, "PUT", url, provider="fal", headers=self._auth)
         return response.status_code == 202
@@ -295,11 +337,15 @@ class FalProvider:
         )
         if ctx.limits is not None:
             ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        # The intent, saved under this worker's hold (worker/hold.py) before anything is
+        # sent: a worker that takes the row over finds it and does not submit again.
         remember(memory, ctx.memory, submitting=True)
+        ctx.guard()
+        timeout = httpx.Timeout(self.cfg.submit_timeout_s, connect=self.cfg.http_timeout_s)
         try:
             response = send(
                 self.http, "POST", f"{self.cfg.queue_url}/{ENDPOINT}", provider="fal",
-                json=body, headers={**auth, **submit_headers(self.cfg)},
+                json=body, headers={**auth, **submit_headers(self.cfg)}, timeout=timeout,
             )  # fmt: skip
         except Ambiguous as err:
             raise self._after_unknown(err, memory, ctx) from err
@@ -315,30 +361,51 @@ class FalProvider:
     def _read_submit(
         self, response: httpx.Response, memory: dict[str, Any], ctx: ProviderContext
     ) -> dict[str, Any]:
-        if response.status_code >= 300:
-            error = read_error(response)
-            if error.status >= 500 and not error.error_type and not error.detail_type:
-                # A gateway's page, not fal's own error: the request may be queued behind it.
-                unknown = Ambiguous(
-                    Codes.PROVIDER_UNAVAILABLE, f"HTTP {error.status} from a gateway"
-                )
-                raise self._after_unknown(unknown, memory, ctx)
-            # fal's own error answer: nothing was queued (and fal does not bill 5xx).
+        status = response.status_code
+        if 300 <= status < 500:
+            # fal's refusal (a 429, a 422...): nothing was queued.
             remember(memory, ctx.memory, submitting=False)
-            raise classify(error)
-        try:
-            answer = response.json()
-            return {
-                "request_id": str(answer["request_id"]),
-                "status_url": str(answer["status_url"]),
-                "response_url": str(answer["response_url"]),
-                "cancel_url": str(answer.get("cancel_url") or ""),
-                "queue_position": answer.get("queue_position"),
-                "state": "IN_QUEUE",
-            }
-        except (ValueError, KeyError, TypeError) as exc:
-            unknown = Ambiguous(Codes.PROVIDER_BAD_RESPONSE, "fal's submit answer was unreadable")
-            raise self._after_unknown(unknown, memory, ctx) from exc
+            raise classify(read_error(response))
+        if status < 300:
+            try:
+                return self._queued(response.json())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # unreadable: as good as no answer, unless fal named the request
+        named = response.headers.get(REQUEST_ID_HEADER)
+        if named is not None and _REQUEST_ID.fullmatch(named):
+            # fal's own server answered: the submit reached fal and may be queued. It is
+            # never sent again; the request it names is polled, and only if fal does not
+            # know it is the outcome unknown (_poll).
+            log.warning("fal answered HTTP %d for request %s: polling it", status, named)
+            return {**request_urls(self.cfg.queue_url, named), "queue_position": None,
+                    "state": "IN_QUEUE", "unconfirmed": True}  # fmt: skip
+        if status >= 500 and is_ingress_page(response):
+            remember(memory, ctx.memory, submitting=False)  # it never reached fal
+            raise ProviderUnavailable(
+                Codes.PROVIDER_UNAVAILABLE,
+                f"fal's ingress answered HTTP {status}",
+                retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+            )
+        why = f"HTTP {status} from a gateway" if status >= 500 else "an unreadable answer"
+        raise self._after_unknown(Ambiguous(Codes.PROVIDER_BAD_RESPONSE, why), memory, ctx)
+
+    def _queued(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """The ids of an accepted submit; the URLs only on the configured queue host."""
+        ids = {
+            "request_id": str(answer["request_id"]),
+            "status_url": str(answer["status_url"]),
+            "response_url": str(answer["response_url"]),
+            "cancel_url": str(answer.get("cancel_url") or ""),
+        }
+        for name in ("status_url", "response_url", "cancel_url"):
+            if ids[name] and not same_origin(ids[name], self.cfg.queue_url):
+                # Following it would send the key to another host.
+                raise ProviderRejected(
+                    Codes.PROVIDER_BAD_RESPONSE,
+                    f"fal request {ids['request_id']}: its {name} is not on "
+                    f"{self.cfg.queue_url}: refused (the key is sent nowhere else)",
+                )
+        return {**ids, "queue_position": answer.get("queue_position"), "state": "IN_QUEUE"}
 
     def _after_unknown(
         self, err: Ambiguous, memory: dict[str, Any], ctx: ProviderContext
@@ -391,22 +458,12 @@ class FalProvider:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
         try:
             response = send(self.http, "GET", memory["status_url"], provider="fal",
-                            params={"logs": "1"}, headers=self._auth)  # fmt: skip
+                            params={"logs": "0"}, headers=self._auth)  # fmt: skip
         except ProviderUnavailable as err:
             log.info("poll of %s: %s", memory["request_id"], err.code)
             return None
-        if response.status_code == 404:
-            raise ProviderRejected(
-                Codes.PROVIDER_TASK_NOT_FOUND, f"fal does not know request {memory['request_id']}"
-            )
-        if response.status_code >= 300:
-            error = classify(read_error(response))
-            if error.retryable:
-                return None  # polls are free: wait for the next one
-            raise error
-        try:
-            answer = response.json()
-        except ValueError:
+        answer = self._status_answer(response, memory, ctx)
+        if answer is None:
             return None
         if answer.get("status") == "COMPLETED":
             return True
@@ -415,6 +472,40 @@ class FalProvider:
             # Shown by `bgswap status` (queue waits); saved only when it changes.
             remember(memory, ctx.memory, queue_position=position, state=answer.get("status"))
         return None
+
+    def _status_answer(
+        self, response: httpx.Response, memory: dict[str, Any], ctx: ProviderContext
+    ) -> dict[str, Any] | None:
+        """The status body; None when this poll told nothing (polls are free: the next one
+        will); raises when the request cannot go on."""
+        if response.status_code == 404:
+            if memory.get("unconfirmed"):
+                raise self._not_found_after_error(memory, ctx)
+            raise ProviderRejected(
+                Codes.PROVIDER_TASK_NOT_FOUND, f"fal does not know request {memory['request_id']}"
+            )
+        if response.status_code >= 300:
+            error = classify(read_error(response))
+            if error.retryable:
+                return None
+            raise error
+        if memory.pop("unconfirmed", False):
+            ctx.memory.save(memory)  # fal knows it: an accepted request like any other
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def _not_found_after_error(self, memory: dict[str, Any], ctx: ProviderContext) -> BgswapError:
+        """fal named a request in an error answer but does not know it: maybe it was never
+        queued, maybe not yet visible. The submit's outcome is unknown."""
+        why = f"fal named request {memory['request_id']} in an error answer, then did not know it"
+        if self.cfg.resubmit_unknown:
+            # The operator accepted the risk: the next attempt submits afresh.
+            ctx.memory.save({"uploads": memory.get("uploads", {})})
+            return ProviderUnavailable(Codes.PROVIDER_SUBMIT_UNKNOWN, why)
+        return _unknown(why)
 
     def _result(self, memory: dict[str, Any]) -> dict[str, Any]:
         try:
