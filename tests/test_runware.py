@@ -27,7 +27,17 @@ from worker.errors import (
 from worker.fetch import SourceFetcher
 from worker.jobs import Job, JobSpec
 from worker.providers.base import DictMemory, ProviderContext, ProviderResult, run_to_completion
-from worker.providers.runware import RunwareConfig, RunwareProvider, classify, inference_task
+from worker.providers.runware import (
+    Answer,
+    Kind,
+    Payload,
+    RunwareConfig,
+    RunwareProvider,
+    classify,
+    error_kind,
+    inference_task,
+    poll_progress,
+)
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -316,7 +326,8 @@ def test_direct_upload_is_verified_and_falls_back(
         (400, "contentPolicyViolation", ProviderRejected, Codes.PROVIDER_CONTENT_POLICY),
         (400, "invalidPositivePrompt", ProviderRejected, Codes.PROVIDER_INVALID_REQUEST),
         (429, "rateLimitExceeded", ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
-        (408, "timeout", ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
+        (408, "timeout", ProviderUnavailable, Codes.PROVIDER_UNAVAILABLE),  # the code's kind
+        (408, "", ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),  # else the status
     ],
 )
 def test_error_answers_are_classified(
@@ -355,6 +366,94 @@ def test_missing_key_fails_before_any_request(
 def test_classify_prefers_the_code_over_the_status() -> None:
     assert classify(400, {"code": "insufficientCredits"}, None).code == Codes.PROVIDER_CREDITS
     assert classify(503, {"code": "x"}, 1.0).retryable
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        # retryable, by name and by pattern (Runware's SDK: runware.errors.derive_code)
+        ("taskFailed", Kind.TRANSIENT),
+        ("processingFailed", Kind.TRANSIENT),
+        ("downloadFailed", Kind.TRANSIENT),
+        ("uploadFailed", Kind.TRANSIENT),
+        ("modelNotReady", Kind.TRANSIENT),
+        ("providerError", Kind.TRANSIENT),
+        ("providerGatewayFailure", Kind.TRANSIENT),
+        ("timeoutProvider", Kind.TRANSIENT),
+        ("inferenceTimeoutExceeded", Kind.TRANSIENT),
+        ("requestTimeout", Kind.TRANSIENT),
+        # the account cannot pay: halt
+        ("insufficientCredits", Kind.QUOTA),
+        ("providerInsufficientCredits", Kind.QUOTA),  # credits beat provider*
+        ("lowBalance", Kind.QUOTA),
+        ("monthlyQuotaExceeded", Kind.QUOTA),
+        ("quotaExceeded", Kind.QUOTA),
+        ("paymentRequired", Kind.QUOTA),
+        # the rest
+        ("providerRateLimitExceeded", Kind.RATE),  # rate beats provider*
+        ("invalidApiKey", Kind.AUTH),
+        ("accountSuspended", Kind.AUTH),
+        ("contentPolicyViolation", Kind.SAFETY),
+        ("providerContentPolicyViolation", Kind.SAFETY),  # safety beats provider*
+        ("taskFailedOrNotFound", Kind.NOT_FOUND),
+        ("unsupportedParameter", Kind.VALIDATION),
+        ("invalidPositivePrompt", Kind.VALIDATION),
+        ("somethingBrandNew", Kind.UNKNOWN),
+    ],
+)
+def test_error_codes_are_sorted_by_pattern(code: str, kind: Kind) -> None:
+    assert error_kind(code) is kind
+
+
+@pytest.mark.parametrize(
+    ("code", "ours", "retryable"),
+    [
+        ("taskFailed", Codes.PROVIDER_UNAVAILABLE, True),
+        ("providerOverloaded", Codes.PROVIDER_UNAVAILABLE, True),
+        ("lowBalance", Codes.PROVIDER_CREDITS, False),
+        ("somethingBrandNew", Codes.PROVIDER_UNKNOWN_ERROR, False),
+    ],
+)
+def test_task_error_codes_map_to_ours(code: str, ours: str, retryable: bool) -> None:
+    error = classify(200, {"code": code, "message": "m"}, None)
+    assert (error.code, error.retryable) == (ours, retryable)
+    assert code in error.message  # the provider's own code is always in the message
+    assert isinstance(error, ProviderAccountError) == (ours == Codes.PROVIDER_CREDITS)
+
+
+def answer(status: int, body: dict[str, Any]) -> Answer:
+    return Answer(status, Payload(body.get("data", []), body.get("errors", [])), None)
+
+
+T = "24cd5dff-cb81-4db5-8506-b72a9425f9d1"
+
+
+def test_a_poll_that_tells_nothing_waits_for_the_next() -> None:
+    assert poll_progress(answer(503, {"errors": [{"code": "serviceUnavailable"}]}), T) is None
+    assert poll_progress(answer(429, {"errors": [{"code": "rateLimitExceeded"}]}), T) is None
+    assert poll_progress(answer(500, {}), T) is None
+    processing = poll_progress(answer(200, {"data": [{"taskUUID": T, "status": "processing"}]}), T)
+    assert processing is not None and not processing.done(1)
+
+
+@pytest.mark.parametrize("status", [200, 400, 500])
+def test_an_error_about_the_task_ends_it_marked_or_not(status: int) -> None:
+    error = {"code": "timeoutProvider", "message": "gone", "taskUUID": T}
+    progress = poll_progress(answer(status, {"errors": [error]}), T)
+    assert progress is not None and progress.dead and progress.done(4)
+    marked = poll_progress(
+        answer(200, {"data": [{"taskUUID": T, "status": "processing"}],
+                     "errors": [{**error, "status": "error"}]}), T
+    )  # fmt: skip
+    assert marked is not None and not marked.dead and not marked.done(2) and marked.done(1)
+
+
+def test_account_errors_in_a_poll_halt() -> None:
+    with pytest.raises(ProviderAccountError) as info:
+        poll_progress(answer(200, {"errors": [{"code": "insufficientCredits", "taskUUID": T}]}), T)
+    assert info.value.code == Codes.PROVIDER_CREDITS
+    with pytest.raises(ProviderAccountError):
+        poll_progress(answer(401, {"errors": [{"code": "invalidApiKey"}]}), T)
 
 
 # -- faults: each row accepted (paid) exactly once -----------------------------------------
@@ -440,7 +539,38 @@ def test_transient_generation_error_retries_as_a_new_task(
     assert len(fake.paid) == 2 and len(set(fake.paid)) == 2  # the failed one, then a new one
 
 
-@pytest.mark.parametrize("placement", ["errors", "data"])
+@pytest.mark.parametrize("placement", ["errors", "data", "unmarked"])
+@pytest.mark.parametrize("code", ["timeoutProvider", "taskFailed", "providerBusy"])
+def test_a_dead_task_starts_a_new_task_at_once_however_it_is_reported(
+    seed_url: str, tmp_path: Path, placement: str, code: str
+) -> None:
+    """A generation that died is final for its task at the first poll that says so: not
+    polled on for the 20-minute deadline. A retryable code gets a new task (and attempt)."""
+    with FakeRunware(KEY, processing_s=0.1, error_placement=placement) as fake:  # type: ignore[arg-type]
+        fake.inject("generation_error", code=code)
+        runner = Runner(settings_for(fake, runware_timeout_s=2.0), spec(seed_url),
+                        str(tmp_path / "o"))  # fmt: skip
+        with pytest.raises(ProviderUnavailable) as info:
+            runner.run()
+        assert info.value.code == Codes.PROVIDER_GENERATION_FAILED and code in info.value.message
+        first = fake.paid[0]
+        polls = [t for t in fake.tasks("getResponse") if t["taskUUID"] == first]
+        assert len(polls) <= 4  # processing_s 0.1 at 0.05 s polls: done at the first failure
+        assert len(runner.run().outputs) == 1
+        assert len(fake.paid) == 2 and fake.paid[1] != first
+
+
+def test_an_unknown_generation_error_code_is_permanent_and_named(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    fake.inject("generation_error", code="somethingBrandNew")
+    with pytest.raises(ProviderRejected) as info:
+        Runner(settings_for(fake), spec(seed_url), str(tmp_path / "o")).run()
+    assert info.value.code == Codes.PROVIDER_UNKNOWN_ERROR
+    assert "somethingBrandNew" in info.value.message and len(fake.paid) == 1
+
+
+@pytest.mark.parametrize("placement", ["errors", "data", "unmarked"])
 def test_both_error_placements_are_understood(
     seed_url: str, tmp_path: Path, placement: str
 ) -> None:

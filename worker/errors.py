@@ -181,6 +181,7 @@ class Codes:
     PROVIDER_BAD_RESPONSE = "provider.bad_response"
     PROVIDER_GENERATION_FAILED = "provider.generation_failed"
     PROVIDER_TASK_NOT_FOUND = "provider.task_not_found"
+    PROVIDER_UNKNOWN_ERROR = "provider.unknown_error"
     PROVIDER_RESULT_EXPIRED = "provider.result_expired"
     PROVIDER_SUBMIT_UNKNOWN = "provider.submit_unknown"
     PROVIDER_REQUEST_TIMEOUT = "provider.request_timeout"

@@ -55,10 +55,12 @@ Choices made where the reference is UNCONFIRMED
 -----------------------------------------------
 - Async acknowledgement: ``{"data": []}`` (``ack_style="empty"``) or
   ``{"data": [{"taskType", "taskUUID"}]}`` (``"item"``, the default).
-- Failed generations in getResponse: in ``errors`` with ``status: "error"`` (default) or inside
-  ``data`` as ``{"taskType", "taskUUID", "status": "error", "error": {code, message}}``; one
-  entry per failed result, repeated in every later poll like successes. A poll of a known task
-  answers 200 even when all its results failed.
+- Failed generations in getResponse: in ``errors`` with ``status: "error"`` (default), inside
+  ``data`` as ``{"taskType", "taskUUID", "status": "error", "error": {code, message}}``
+  (``"data"``), or in ``errors`` without any ``status`` (``"unmarked"``: the task's error as a
+  refusal of the poll would look, which Runware's SDK treats as the task's end all the same);
+  one entry per failed result, repeated in every later poll like successes. A poll of a known
+  task answers 200 even when all its results failed.
 - getResponse: success items carry ``status: "success"``; one ``status: "processing"`` item
   stands for all unfinished results. Sync items carry no ``status`` (as the seed page shows).
 - imageUpload: ``data`` is a list, or a bare object with ``upload_data_as_object=True`` (when
@@ -137,7 +139,7 @@ SEED_FORMATS = WEB_FORMATS
 UPLOAD_FORMATS = INPUT_FORMATS
 
 AckStyle = Literal["empty", "item"]
-ErrorPlacement = Literal["errors", "data"]
+ErrorPlacement = Literal["errors", "data", "unmarked"]
 FaultKind = Literal[
     "status", "accept_then_500", "accept_then_drop", "malformed", "slow", "generation_error"
 ]
@@ -866,6 +868,10 @@ class FakeRunware(FakeHTTPServer):
             outcome.data.append(self._item(job, result, polled=True))
         elif self.error_placement == "errors":
             outcome.errors.append(self._error_entry(job))
+        elif self.error_placement == "unmarked":
+            entry = self._error_entry(job)
+            del entry["status"]
+            outcome.errors.append(entry)
         else:
             error = {"code": job.failure.code, "message": job.failure.message}
             outcome.data.append(

@@ -26,8 +26,9 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -63,17 +64,79 @@ SPEEDS = {"TURBO": "TURBO", "BALANCED": "DEFAULT", "QUALITY": "QUALITY"}
 # page shows 0.06 (default speed) and 0.09 (QUALITY); TURBO's 0.03 is fal's price.
 PRICE_PER_IMAGE = {"TURBO": 0.03, "DEFAULT": 0.06, "QUALITY": 0.09}
 
-AUTH_CODES = frozenset({"missingApiKey", "unauthorized", "forbidden", "invalidApiKey"})
-CREDIT_CODES = frozenset(
-    {"insufficientCredits", "providerInsufficientCredits", "quotaExceeded", "paymentRequired"}
+# Runware's error codes are many and not stable ("not yet standardised across models"), so
+# they are sorted into kinds by pattern, the way Runware's own SDK does it
+# (runware.errors.derive_code); the sets name the codes no pattern catches.
+AUTH_CODES = frozenset({
+    "unauthorized", "forbidden", "permissionDenied", "insufficientPermissions",
+    "authenticationFailed", "authFailed", "invalidAuthentication", "invalidCredentials",
+    "missingAuthentication", "tokenExpired", "tokenInvalid", "tokenMissing", "tokenRevoked",
+    "accountSuspended", "accountDisabled", "organizationSuspended", "organizationDisabled",
+    "workspaceSuspended", "workspaceDisabled",
+})  # fmt: skip
+SAFETY_CODES = frozenset({
+    "contentPolicyViolation", "providerContentPolicyViolation", "sensitiveContentDetected",
+    "unsafeContentDetected", "nsfwContentDetected", "promptBlocked", "imageBlocked",
+    "moderationFailed", "invalidProviderContent",
+})  # fmt: skip
+SERVER_CODES = frozenset({
+    "internalServerError", "serviceUnavailable", "serverUnavailable", "standardError",
+    "unknownError", "undefinedError", "defaultError", "unrecognizedResponse",
+})  # fmt: skip
+# A generation that failed on Runware's side: a new task may well succeed.
+GENERATION_CODES = frozenset({
+    "taskFailed", "processingFailed", "downloadFailed", "uploadFailed", "modelNotReady",
+    "inferenceError", "noAvailableServer", "modelUnavailable", "modelDisabled",
+    "mediaStorageFileCouldNotBeMoved",
+})  # fmt: skip
+NOT_FOUND_CODES = frozenset({"taskFailedOrNotFound", "taskCancelled"})
+_VALIDATION_PREFIXES = ("invalid", "missing", "conflict", "duplicate", "unsupported", "value",
+                        "array", "max")  # fmt: skip
+_VALIDATION_CODES = frozenset({
+    "unknownParameter", "incompatibleParameters", "mismatchProviderSettingsProvider",
+    "unknownProviderSettingsProvider", "validationFailed",
+})  # fmt: skip
+
+
+class Kind(StrEnum):
+    """What a Runware error code is about."""
+
+    QUOTA = "quota"  # the account cannot pay: halt
+    AUTH = "auth"  # the key is refused: halt
+    RATE = "rate"  # too fast: retry later (the request, not the task)
+    SAFETY = "safety"  # content policy: permanent
+    TRANSIENT = "transient"  # a timeout, Runware's or a provider's trouble: retry
+    NOT_FOUND = "not_found"  # no such task (or it is gone): permanent
+    VALIDATION = "validation"  # the request is wrong: permanent
+    UNKNOWN = "unknown"  # a code bgswap does not know: permanent, unless the status says
+
+
+# (test on the code and its lower-case form, kind): first match wins, in the SDK's order.
+KIND_RULES: tuple[tuple[Callable[[str, str], bool], Kind], ...] = (
+    (lambda c, low: "credit" in low or "balance" in low or "quota" in low, Kind.QUOTA),
+    (lambda c, low: c == "paymentRequired", Kind.QUOTA),
+    (lambda c, low: "ratelimit" in low, Kind.RATE),
+    (lambda c, low: c in SAFETY_CODES, Kind.SAFETY),
+    (lambda c, low: c in AUTH_CODES or "apikey" in low, Kind.AUTH),
+    (
+        lambda c, low: "timeout" in low or c in SERVER_CODES or c in GENERATION_CODES,
+        Kind.TRANSIENT,
+    ),
+    (lambda c, low: c in NOT_FOUND_CODES or c.endswith(("NotFound", "Expired")), Kind.NOT_FOUND),
+    (lambda c, low: c.startswith("provider"), Kind.TRANSIENT),  # the model's upstream's trouble
+    (
+        lambda c, low: c.startswith(_VALIDATION_PREFIXES) or c in _VALIDATION_CODES,
+        Kind.VALIDATION,
+    ),
 )
-RATE_CODES = frozenset(
-    {"rateLimitExceeded", "inferenceRateLimitExceeded", "providerRateLimitExceeded"}
-)
-POLICY_CODES = frozenset({"contentPolicyViolation", "nsfwContentDetected"})
-TRANSIENT_CODES = frozenset(
-    {"timeoutProvider", "noAvailableServer", "modelUnavailable", "inferenceError"}
-)
+
+
+def error_kind(code: str) -> Kind:
+    """The kind of a Runware error code, by pattern (as Runware's SDK), else by name."""
+    low = code.lower()
+    return next((kind for test, kind in KIND_RULES if test(code, low)), Kind.UNKNOWN)
+
+
 CONFLICT = "conflictTaskUUID"
 SYNC_WAIT_S = 60.0
 NOT_FOUND = "taskFailedOrNotFound"
@@ -218,41 +281,43 @@ def describe(error: Mapping[str, Any]) -> str:
     return f"{code}{where}: {message}"[:500] if message else f"{code}{where}"
 
 
-# First match wins: the order encodes priority (an auth code beats its 400 status).
+# First match wins: the order encodes priority (the account's trouble beats everything; a
+# code's kind beats its HTTP status; the status decides only for codes nobody knows).
 RULES: tuple[Rule, ...] = (
-    (lambda c, s: c in AUTH_CODES or s in (401, 403), ProviderAccountError, Codes.PROVIDER_AUTH),
-    (lambda c, s: c in CREDIT_CODES or s == 402, ProviderAccountError, Codes.PROVIDER_CREDITS),
-    (
-        lambda c, s: c in RATE_CODES or s in (408, 429),
-        ProviderUnavailable,
-        Codes.PROVIDER_RATE_LIMITED,
-    ),
-    (lambda c, s: c in POLICY_CODES, ProviderRejected, Codes.PROVIDER_CONTENT_POLICY),
-    (
-        lambda c, s: c in TRANSIENT_CODES or s >= 500,
-        ProviderUnavailable,
-        Codes.PROVIDER_UNAVAILABLE,
-    ),
-    (lambda c, s: c == NOT_FOUND, ProviderRejected, Codes.PROVIDER_TASK_NOT_FOUND),
-    (lambda c, s: s >= 400 or bool(c), ProviderRejected, Codes.PROVIDER_INVALID_REQUEST),
+    (lambda k, s: k == Kind.AUTH or s in (401, 403), ProviderAccountError, Codes.PROVIDER_AUTH),
+    (lambda k, s: k == Kind.QUOTA or s == 402, ProviderAccountError, Codes.PROVIDER_CREDITS),
+    (lambda k, s: k == Kind.RATE, ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
+    (lambda k, s: k == Kind.SAFETY, ProviderRejected, Codes.PROVIDER_CONTENT_POLICY),
+    (lambda k, s: k == Kind.TRANSIENT, ProviderUnavailable, Codes.PROVIDER_UNAVAILABLE),
+    (lambda k, s: k == Kind.NOT_FOUND, ProviderRejected, Codes.PROVIDER_TASK_NOT_FOUND),
+    (lambda k, s: k == Kind.VALIDATION, ProviderRejected, Codes.PROVIDER_INVALID_REQUEST),
+    (lambda k, s: s in (408, 429), ProviderUnavailable, Codes.PROVIDER_RATE_LIMITED),
+    (lambda k, s: s >= 500, ProviderUnavailable, Codes.PROVIDER_UNAVAILABLE),
+    (lambda k, s: True, ProviderRejected, Codes.PROVIDER_UNKNOWN_ERROR),
 )
 
 
 def classify(status: int, error: Mapping[str, Any], retry_after_s: float | None) -> BgswapError:
     """Map one Runware error (and the HTTP status it came with) onto the error tree."""
-    code = str(error.get("code", ""))
-    return classify_by_rules(RULES, code, status, f"Runware {describe(error)}", retry_after_s)
+    kind = error_kind(str(error.get("code", "")))
+    return classify_by_rules(RULES, kind, status, f"Runware {describe(error)}", retry_after_s)
 
 
 @dataclass
 class Progress:
-    """The cumulative state of one task, merged over polls."""
+    """The cumulative state of one task, merged over polls.
+
+    An error marked ``status: "error"`` is one failed result among the task's; an unmarked
+    one, about the task, means the task itself is over (``dead``): done, whatever else it
+    still reported as processing."""
 
     successes: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    dead: bool = False
 
     def merge(self, payload: Payload, task_uuid: str) -> None:
         errors = [e for e in payload.errors if e.get("taskUUID") in (None, task_uuid)]
+        self.dead = self.dead or any(e.get("status") != "error" for e in errors)
         for item in payload.data:
             if item.get("taskUUID") not in (None, task_uuid):
                 continue
@@ -265,7 +330,48 @@ class Progress:
         self.errors = errors
 
     def done(self, expected: int) -> bool:
-        return len(self.successes) + len(self.errors) >= expected
+        return self.dead or len(self.successes) + len(self.errors) >= expected
+
+    @property
+    def unknown_task(self) -> bool:
+        """Runware says it has no such task (never accepted, or gone)."""
+        kinds = {error_kind(str(e.get("code", ""))) for e in self.errors}
+        return not self.successes and kinds == {Kind.NOT_FOUND}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer of Runware's, read but not judged."""
+
+    status: int
+    payload: Payload
+    retry_after_s: float | None
+
+
+def poll_progress(answer: Answer, task_uuid: str) -> Progress | None:
+    """What one getResponse answer says of the task, or None when this poll told nothing
+    (a 429, a 5xx that names no task: polls are free, the next one will).
+
+    Raises for the account's trouble (auth, credit: the batch halts), and for a refusal of
+    the poll itself. Any other error about the task ends the task, whether or not it is
+    marked ``status: "error"`` (``Progress.dead``): a dead task is not polled for the
+    20 minutes of the deadline."""
+    status, errors = answer.status, answer.payload.errors
+    for error in errors:
+        if error_kind(str(error.get("code", ""))) in (Kind.AUTH, Kind.QUOTA):
+            raise classify(status, error, answer.retry_after_s)
+    rate = any(error_kind(str(e.get("code", ""))) == Kind.RATE for e in errors)
+    about_task = [e for e in errors if e.get("taskUUID") == task_uuid or e.get("status")]
+    if status in (401, 402, 403) or (status >= 400 and not about_task):
+        if status >= 500 or status in (408, 429) or rate:
+            return None
+        raise classify(status, errors[0] if errors else {"code": f"http{status}"},
+                       answer.retry_after_s)  # fmt: skip
+    if rate:
+        return None
+    progress = Progress()
+    progress.merge(answer.payload, task_uuid)
+    return progress
 
 
 # -- HTTP ----------------------------------------------------------------------------
@@ -280,7 +386,8 @@ class RunwareClient:
         # The key lives only in this header; never in messages, logs or Redis.
         self._headers = {"Authorization": f"Bearer {api_key}"}
 
-    def post(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Payload:
+    def exchange(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Answer:
+        """POST the tasks and read the answer; raises only when there is none to read."""
         response = send(
             self.http,
             "POST",
@@ -290,9 +397,6 @@ class RunwareClient:
             headers=self._headers,
             timeout=timeout_s or self.cfg.request_timeout_s,
         )
-        return self._answer(response)
-
-    def _answer(self, response: httpx.Response) -> Payload:
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         try:
@@ -304,6 +408,12 @@ class RunwareClient:
             raise Ambiguous(
                 Codes.PROVIDER_BAD_RESPONSE, f"Runware answered HTTP {status} without valid JSON"
             ) from exc
+        return Answer(status, payload, retry_after)
+
+    def post(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Payload:
+        """POST tasks that must be taken (a submit, an upload): a refusal raises."""
+        answer = self.exchange(tasks, timeout_s)
+        status, payload, retry_after = answer.status, answer.payload, answer.retry_after_s
         if status >= 400 and not payload.errors:
             payload = Payload(payload.data, [{"code": f"http{status}"}])
         # At 200, errors marked `status: error` are failed generations (task outcomes, for
@@ -416,8 +526,11 @@ class RunwareProvider:
             return self._accepted(memory, ctx, Progress())
         if ctx.limits is not None:
             ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        # The intent, saved under this worker's hold (worker/hold.py) before anything is
+        # sent: a worker that takes the row over asks getResponse about this uuid first.
         memory["attempted"] = True
         ctx.memory.save(memory)
+        ctx.guard()
         # A sync answer is waited for up to a minute; a longer generation times out
         # into the ambiguous path, which finds the task and polls it like an async one.
         timeout = min(self.cfg.timeout_s, SYNC_WAIT_S) if self.cfg.delivery == "sync" else None
@@ -456,15 +569,15 @@ class RunwareProvider:
 
     def _known(self, task_uuid: str) -> Progress | None:
         """The task's state if Runware has it, None if it does not (never accepted)."""
-        try:
-            payload = self.client.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
-        except ProviderRejected as err:
-            if err.code == Codes.PROVIDER_TASK_NOT_FOUND:
-                return None
-            raise
-        progress = Progress()
-        progress.merge(payload, task_uuid)
-        return progress
+        answer = self.client.exchange([{"taskType": "getResponse", "taskUUID": task_uuid}])
+        progress = poll_progress(answer, task_uuid)
+        if progress is None:
+            raise ProviderUnavailable(
+                Codes.PROVIDER_UNAVAILABLE,
+                f"Runware could not say whether it has task {task_uuid} (HTTP {answer.status})",
+                retry_after_s=answer.retry_after_s,
+            )
+        return None if progress.unknown_task else progress
 
     # waiting -------------------------------------------------------------------
 
@@ -472,13 +585,11 @@ class RunwareProvider:
         """One getResponse; None when the poll itself failed (polls are free: a 429, 5xx
         or timeout while polling just waits for the next one)."""
         try:
-            payload = self.client.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
+            answer = self.client.exchange([{"taskType": "getResponse", "taskUUID": task_uuid}])
         except ProviderUnavailable as err:
             log.info("poll of %s: %s", task_uuid, err.code)
             return None
-        progress = Progress()
-        progress.merge(payload, task_uuid)
-        return progress
+        return poll_progress(answer, task_uuid)
 
     # inputs and outputs -----------------------------------------------------------
 
