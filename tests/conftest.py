@@ -9,6 +9,7 @@ import pytest
 import redis as redis_lib
 
 from producer.embedded import redis_server
+from servers.s3 import use_dummy_aws_env
 
 
 def free_port() -> int:
@@ -35,9 +36,12 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 
 @pytest.fixture(autouse=True)
 def _clean_bgswap_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests set what they need; nothing leaks in from the developer's shell."""
+    """Tests set what they need; nothing leaks in from the developer's shell. Every test,
+    and every process it starts (they inherit this environment), has dummy AWS
+    credentials and the metadata lookup off: nothing reaches a cloud address."""
     import os
 
     for key in list(os.environ):
         if key.startswith("BGSWAP_") or key in ("RUNWARE_API_KEY", "FAL_KEY"):
             monkeypatch.delenv(key)
+    use_dummy_aws_env(monkeypatch)

@@ -32,6 +32,8 @@ DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # boto3 never asks a cloud metadata address for credentials or a region.
+    "AWS_EC2_METADATA_DISABLED": "true",
     # Keep a developer's real profile and config out of the tests.
     "AWS_CONFIG_FILE": "/nonexistent/bgswap-test-aws-config",
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/bgswap-test-aws-credentials",
