@@ -50,6 +50,7 @@ log = logging.getLogger("bgswap.engine")
 
 Key = tuple[str, int]
 TRANSIENT_WAIT_S = 5.0  # a step that failed outside the row (Redis unreachable): try again
+HEARTBEAT_RETRY_S = 1.0
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Held:
 class Gate:
     """Rows of one provider waiting for admission (a rate token or an in-flight slot)."""
 
-    waiting: deque[Key] = field(default_factory=deque)
+    waiting: deque[tuple[Key, Held]] = field(default_factory=deque)
     not_before: float = 0.0  # after a refusal: when the limiter said to look again
     probing: int = 0
     # Rows that may try now: one per slot this process freed and one more per admission
@@ -103,7 +104,9 @@ class Engine:
         self._busy = 0  # network steps given to the pool and not returned
         self._cpu_busy = 0  # computing steps given to the CPU pool and not returned
         self._adopting = 0  # deliveries taking a row from Redis right now
-        self._timers: list[tuple[float, int, Key]] = []
+        # Every pending event (a timer, a place in a line, a step) names the Held it is for:
+        # a row let go and taken again is a new Held, and the old one's events do nothing.
+        self._timers: list[tuple[float, int, Key, Held]] = []
         self._seq = itertools.count()
         self._gates: dict[str, Gate] = defaultdict(Gate)
         self._closing = False
@@ -121,9 +124,9 @@ class Engine:
         """Take a delivered row if there is room within ``wait_s``; False: there was none
         (the caller gives the row back to the queue)."""
         key = (batch_id, index)
+        if self._still_holds(key):
+            return True  # a duplicate message of a row this process holds
         with self._cv:
-            if key in self._held:
-                return True  # a duplicate message of a row this process already holds
             deadline = self.clock() + wait_s
             while not self._closing and not self._has_room():
                 left = deadline - self.clock()
@@ -147,6 +150,30 @@ class Engine:
                 self._cv.notify_all()
         return True
 
+    def _still_holds(self, key: Key) -> bool:
+        """Does this process hold the row? A new message for a row it holds means somebody
+        re-published it, maybe a watchdog that took it over while this process was not
+        heard from: Redis says. A row lost that way is let go here, to be taken afresh."""
+        with self._cv:
+            held = self._held.get(key)
+        if held is None:
+            return False
+        if not held.lost:
+            try:
+                self._recheck(key, held)
+                return True
+            except Stale:
+                held.lost = True
+        with self._cv:
+            if self._held.get(key) is held:
+                self._let_go(key)
+        return False
+
+    def _let_go(self, key: Key) -> None:
+        self._held.pop(key, None)
+        if self.deps.local is not None:
+            self.deps.local.drop(key)
+
     def _take(self, key: Key, held: Held) -> None:
         self._held[key] = held
         gate = self._gates.get(held.job.spec.provider)
@@ -157,9 +184,9 @@ class Engine:
             # provider yet: it joins the end of the line instead of asking the limiter
             # only to be refused. (A resumed row goes straight on: it polls a request
             # that already holds a slot, and must not wait behind rows that need one.)
-            gate.waiting.append(key)
+            gate.waiting.append((key, held))
         else:
-            self._dispatch(key)
+            self._dispatch(key, held)
 
     def _has_room(self) -> bool:
         return (
@@ -180,18 +207,16 @@ class Engine:
 
     # -- stepping -----------------------------------------------------------------------
 
-    def _step(self, key: Key, cpu: bool) -> None:
-        held = self._held.get(key)
+    def _step(self, key: Key, held: Held) -> None:
         later: Later | None = None
-        if held is not None and not held.lost:
+        if not held.lost:
             later = self._run_step(key, held)
         with self._cv:
-            if cpu:
+            if held.cpu:
                 self._cpu_busy -= 1
             else:
                 self._busy -= 1
-            if held is not None:  # else let go meanwhile (a shutdown that stopped waiting)
-                self._stepped(key, held, later)
+            self._stepped(key, held, later)
             self._cv.notify_all()
 
     def _run_step(self, key: Key, held: Held) -> Later | None:
@@ -245,12 +270,14 @@ class Engine:
         if probed and gate is not None:
             held.probe = False
             gate.probing = max(0, gate.probing - 1)
+        if self._held.get(key) is not held:
+            return  # let go meanwhile (a shutdown, or a row taken afresh)
         if later is not None and later.kind == "admission":
             gate = self._gates[held.job.spec.provider]
             if probed:
-                gate.waiting.appendleft(key)  # it keeps its place at the head of the line
+                gate.waiting.appendleft((key, held))  # it keeps its place at the head
             else:
-                gate.waiting.append(key)
+                gate.waiting.append((key, held))
             gate.credits = 0
             gate.not_before = max(gate.not_before, self.clock() + later.seconds)
             return
@@ -260,20 +287,19 @@ class Engine:
             gate.credits = min(gate.credits + 1, len(gate.waiting))
             gate.not_before = 0.0
         if held.lost or later is None:
-            self._held.pop(key, None)
-            if self.deps.local is not None:
-                self.deps.local.drop(key)
+            self._let_go(key)
             return
         held.retry = later.kind == "retry"
-        heapq.heappush(self._timers, (self.clock() + later.seconds, next(self._seq), key))
+        due = self.clock() + later.seconds
+        heapq.heappush(self._timers, (due, next(self._seq), key, held))
 
-    def _dispatch(self, key: Key) -> None:
-        if self._held[key].cpu:
+    def _dispatch(self, key: Key, held: Held) -> None:
+        if held.cpu:
             self._cpu_busy += 1
-            self._cpu_pool.submit(self._step, key, True)
+            self._cpu_pool.submit(self._step, key, held)
         else:
             self._busy += 1
-            self._pool.submit(self._step, key, False)
+            self._pool.submit(self._step, key, held)
 
     def _schedule(self) -> None:
         """Fire timers and move admission lines; never blocks on I/O."""
@@ -285,9 +311,9 @@ class Engine:
                 for gate in self._gates.values():
                     self._move(gate, now)
                 while self._timers and self._timers[0][0] <= now and self._busy < self.threads:
-                    _, _, key = heapq.heappop(self._timers)
-                    if key in self._held:
-                        self._dispatch(key)
+                    _, _, key, held = heapq.heappop(self._timers)
+                    if self._held.get(key) is held:
+                        self._dispatch(key, held)
                 self._cv.wait(self._next_event(now))
 
     def _move(self, gate: Gate, now: float) -> None:
@@ -296,12 +322,12 @@ class Engine:
         if gate.credits == 0 and gate.probing == 0:
             gate.credits = 1  # the wait is over (or slots came free elsewhere): ask again
         while gate.waiting and gate.credits > 0 and self._busy < self.threads:
-            key = gate.waiting.popleft()
-            if (held := self._held.get(key)) is not None:
+            key, held = gate.waiting.popleft()
+            if self._held.get(key) is held:
                 held.probe = True
                 gate.probing += 1
                 gate.credits -= 1
-                self._dispatch(key)
+                self._dispatch(key, held)
 
     def _next_event(self, now: float) -> float:
         times = [self._timers[0][0]] if self._timers else []
@@ -311,12 +337,17 @@ class Engine:
     # -- leases -------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        lease = self.deps.settings.row_lease_s
-        while not self._stopped.wait(lease / 4):
+        interval = self.deps.settings.row_lease_s / 4
+        wait = interval
+        while not self._stopped.wait(wait):
             try:
                 self.beat()
+                wait = interval
             except Exception as exc:  # Redis away: leases last a while, try again soon
                 log.warning("heartbeat failed: %s", type(exc).__name__)
+                # Soon, not in a quarter lease: a hold not renewed for half a lease is
+                # re-checked row by row before its next step (worker/hold.py).
+                wait = min(interval, HEARTBEAT_RETRY_S)
 
     def beat(self) -> int:
         """Push this process's leases on; returns how many rows it lost to others."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import redis
+
 from worker.errors import (
     BgswapError,
     Codes,
@@ -127,9 +129,16 @@ class RowMemory:
         hold.guard()
         raw = json.dumps(memory)
         sent_at = hold.clock()
-        verdict = self.store.save_provider_memory(
-            *self._key, raw, epoch=hold.epoch, based_on=self._seen(), lease_s=hold.lease_s
-        )
+        try:
+            verdict = self.store.save_provider_memory(
+                *self._key, raw, epoch=hold.epoch, based_on=self._seen(), lease_s=hold.lease_s
+            )
+        except redis.RedisError:
+            # Saved or not, nobody knows (a timeout may have run late): read it afresh.
+            self._raw = None
+            if self.cache is not None:
+                self.cache.drop(self._key)
+            raise
         if verdict is not SaveVerdict.SAVED:
             if self.cache is not None:
                 self.cache.drop(self._key)
@@ -328,11 +337,12 @@ def begin(batch_id: str, index: int, deps: Deps) -> Begun | None:
 def advance(job: Job, deps: Deps, attempt: int, hold: Hold) -> Later | None:
     """One step of a held row: its terminal state is recorded (None), or it goes on later.
 
-    Raises ``HoldLost`` (worker/hold.py) when this process may not act on the row."""
+    Raises ``HoldLost`` (worker/hold.py) when this process may not act on the row, and
+    Redis's errors: a Redis that did not answer is no fault of the row's."""
     try:
         record = process_item(job, deps, hold)
-    except HoldLost:
-        raise
+    except (HoldLost, redis.RedisError):
+        raise  # not the row's doing: the engine steps it again (worker/engine.py)
     except RowCanceled as err:
         _finish(job, deps, {**_failure(job, err), "status": "canceled"}, hold)
         return None
