@@ -11,6 +11,7 @@ BENCHMARKS = (
     "bench.rate",
     "bench.overhead",
     "bench.memory",
+    "bench.paid_once",
 )
 
 

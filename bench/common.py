@@ -52,8 +52,11 @@ class Result:
     met: bool  # the target was met (True when there is no target)
 
 
-def fmt(value: float) -> str:
-    """3 significant figures, without scientific notation for everyday magnitudes."""
+def fmt(value: float, decimals: int | None = None) -> str:
+    """3 significant figures, without scientific notation for everyday magnitudes; or a
+    fixed number of ``decimals`` (a figure whose every unit counts: 1.005 is not 1)."""
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
@@ -67,24 +70,25 @@ def report(
     lower_is_better: bool = True,
     what: str = "",
     note: str = "",
+    decimals: int | None = None,
 ) -> Result:
     """Print and return one result line.
 
     ``what`` prefixes the figure ("100000 rows in"), ``note`` follows it in parentheses
     ("16340 rows/s"). The ratio is how many times better than the baseline the figure is.
     """
-    parts = [f"{name}: {what + ' ' if what else ''}{fmt(figure)} {unit}"]
+    parts = [f"{name}: {what + ' ' if what else ''}{fmt(figure, decimals)} {unit}"]
     if note:
         parts[0] += f" ({note})"
     if baseline is not None:
-        parts.append(f"baseline {baseline.label}: {fmt(baseline.figure)} {unit}")
+        parts.append(f"baseline {baseline.label}: {fmt(baseline.figure, decimals)} {unit}")
         ratio = baseline.figure / figure if lower_is_better else figure / baseline.figure
         parts.append(f"ratio {ratio:.1f}x")
     met = True
     if target is not None:
         met = figure <= target if lower_is_better else figure >= target
         sign = "<=" if lower_is_better else ">="
-        parts.append(f"target {sign} {fmt(target)} {unit}: {'met' if met else 'NOT met'}")
+        parts.append(f"target {sign} {fmt(target, decimals)} {unit}: {'met' if met else 'NOT met'}")
     line = "; ".join(parts)
     print(line, flush=True)
     return Result(line=line, met=met)
