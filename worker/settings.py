@@ -1,6 +1,7 @@
 """The one settings object, built once at the edge from the environment.
 
-Names follow SPEC.md; anything bgswap adds is ``BGSWAP_*`` and listed in the README.
+Names follow the user-facing contract in the README; anything bgswap adds is
+``BGSWAP_*`` and listed there too.
 An unknown ``BGSWAP_*`` variable is an error (a typo must not silently fall back to
 a default), and secrets are ``SecretStr`` so they never print.
 """

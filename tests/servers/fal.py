@@ -1,6 +1,7 @@
 """A fake fal.ai queue API for ``fal-ai/ideogram/v3/replace-background``, as strict as the real one.
 
-Written from ``shared/reference/fal.md`` and the endpoint's seed page, not from our client.
+Written from fal's queue API docs, its client fal_client and the endpoint's page, not from
+our client.
 
     with FakeFal("fal-key-id:fal-key-secret", queue_s=0.05, processing_s=0.1) as fal:
         submit = httpx.post(fal.submit_url, json={"prompt": "...", "image_url": url},

@@ -1,6 +1,6 @@
 """A fake Runware REST API (``imageInference`` on ``ideogram:4@5``), as strict as the real one.
 
-Written from ``shared/reference/runware.md`` and the model's seed page, not from our client.
+Written from Runware's API docs, its SDK and the model's page, not from our client.
 
     with FakeRunware("rw-test-key", processing_s=0.2) as fake:
         httpx.post(fake.url, json=[task], headers={"Authorization": "Bearer rw-test-key"})

@@ -1,9 +1,9 @@
 """fal.ai: the queue API of `fal-ai/ideogram/v3/replace-background`.
 
-Protocol: ../shared/reference/fal.md. Submit to the queue, keep the returned URLs (they
-use the owner/app form `fal-ai/ideogram/requests/{id}`, never the endpoint path), poll
-the status URL, read the result at once (large results live 6 minutes), download the
-images at once.
+Protocol: fal's queue API docs and its own client, fal_client. Submit to the queue, keep
+the returned URLs (they use the owner/app form `fal-ai/ideogram/requests/{id}`, never the
+endpoint path), poll the status URL, read the result at once (large results live 6
+minutes), download the images at once.
 
 Paying at most once. fal has no idempotency key, so the only protection is the
 request_id, saved in the row's memory the moment the submit answer is read:

@@ -1,6 +1,6 @@
 """Runware: `imageInference` with model `ideogram:4@5` (Ideogram 3.0 Replace Background).
 
-Protocol: ../shared/reference/runware.md. One POST endpoint takes a JSON array of tasks
+Protocol: Runware's REST API docs and its own SDK. One POST endpoint takes a JSON array of tasks
 with `Authorization: Bearer KEY`; answers carry `data` and/or `errors`.
 
 How a row is paid for at most once (the taskUUID is the idempotency key):
