@@ -132,7 +132,7 @@ def test_provider_queue_counts_running_rows_waiting_in_a_provider_queue(
     for index, memory in enumerate(memories):
         epoch = store.adopt("q", index, "t", "w1", 60).epoch
         verdict = store.save_provider_memory("q", index, json.dumps(memory), epoch=epoch,
-                                             based_on="")  # fmt: skip
+                                             based_on="", lease_s=60)  # fmt: skip
         assert verdict is SaveVerdict.SAVED
     assert store.release("q", 3, store.epoch("q", 3))
     assert provider_queue(store, "q") == (3, 99)
@@ -245,7 +245,7 @@ def test_a_stale_holder_can_neither_save_memory_nor_finish(
     assert taken.verdict is StartVerdict.RUN
     new = taken.epoch
     # the frozen first holder comes back: each of its writes is refused, nothing changes
-    stale = store.save_provider_memory("st2", 0, "{}", epoch=old, based_on='{"a": 1}')
+    stale = store.save_provider_memory("st2", 0, "{}", epoch=old, based_on='{"a": 1}', lease_s=60)
     assert stale is SaveVerdict.STALE
     assert store.finish("st2", 0, "succeeded", {}, epoch=old) is FinishVerdict.STALE
     assert not store.renew("st2", 0, old, 60) and store.renew("st2", 0, new, 60)
@@ -253,11 +253,11 @@ def test_a_stale_holder_can_neither_save_memory_nor_finish(
     assert store.counts("st2")["running"] == 1
     assert store.heartbeat("st2", [0], "w2", 60).renewed == {0}  # w2's lease is untouched
     # the holder's own writes go through, over what it read
-    changed = store.save_provider_memory("st2", 0, "{}", epoch=new, based_on="")
+    changed = store.save_provider_memory("st2", 0, "{}", epoch=new, based_on="", lease_s=60)
     assert changed is SaveVerdict.CHANGED  # it did not base its write on what is stored
-    assert store.save_provider_memory("st2", 0, "{}", epoch=new, based_on='{"a": 1}') is (
-        SaveVerdict.SAVED
-    )
+    assert store.save_provider_memory(
+        "st2", 0, "{}", epoch=new, based_on='{"a": 1}', lease_s=60
+    ) is (SaveVerdict.SAVED)
     assert store.finish("st2", 0, "succeeded", {}, epoch=new) is FinishVerdict.BATCH_COMPLETE
 
 

@@ -164,6 +164,8 @@ class Engine:
                 return True
             except Stale:
                 held.lost = True
+            except Exception:  # Redis away: a duplicate, as far as this process can tell
+                return True
         with self._cv:
             if self._held.get(key) is held:
                 self._let_go(key)

@@ -29,8 +29,9 @@ frozen (SIGSTOP, a paused VM) or cut off from Redis past its lease from acting o
 it still holds in memory. So every change of hands -- adopt, a lapsed lease claimed, a
 hand-back, the terminal record, a retry -- moves the row's epoch on, and each holder
 keeps the epoch ``adopt`` gave it. Every write that matters (the provider's memory, the
-terminal record) names that epoch and is refused, atomically in its own script, once
-the row has moved on: a stale holder learns it on its first such write and drops the row.
+lease renewal before results are uploaded, the terminal record) names that epoch and is
+refused, atomically in its own script, once the row has moved on: a stale holder learns
+it on its first such write and drops the row (worker/hold.py).
 
 Batch status: submitting -> open -> finalizing -> done. Completion is counted, not
 chorded: the transition that makes ``terminal == total`` on an open batch flips it
@@ -499,7 +500,7 @@ class BatchStore:
         *,
         epoch: int,
         based_on: str,
-        lease_s: float = 60.0,
+        lease_s: float,
     ) -> SaveVerdict:
         """Write the provider's memory of a row (JSON text) as its holder at ``epoch``, over
         ``based_on`` (the text that holder last read or wrote; '' for none), and push its

@@ -350,25 +350,25 @@ class Answer:
 
 def poll_progress(answer: Answer, task_uuid: str) -> Progress | None:
     """What one getResponse answer says of the task, or None when this poll told nothing
-    (a 429, a 5xx that names no task: polls are free, the next one will).
+    (a 429, a 5xx: the poll failed, not the task; polls are free, the next one will).
 
     Raises for the account's trouble (auth, credit: the batch halts), and for a refusal of
     the poll itself. Any other error about the task ends the task, whether or not it is
     marked ``status: "error"`` (``Progress.dead``): a dead task is not polled for the
     20 minutes of the deadline."""
     status, errors = answer.status, answer.payload.errors
-    for error in errors:
-        if error_kind(str(error.get("code", ""))) in (Kind.AUTH, Kind.QUOTA):
+    kinds = [error_kind(str(e.get("code", ""))) for e in errors]
+    first = errors[0] if errors else {"code": f"http{status}"}
+    for error, kind in zip(errors, kinds, strict=True):
+        if kind in (Kind.AUTH, Kind.QUOTA):
             raise classify(status, error, answer.retry_after_s)
-    rate = any(error_kind(str(e.get("code", ""))) == Kind.RATE for e in errors)
-    about_task = [e for e in errors if e.get("taskUUID") == task_uuid or e.get("status")]
-    if status in (401, 402, 403) or (status >= 400 and not about_task):
-        if status >= 500 or status in (408, 429) or rate:
-            return None
-        raise classify(status, errors[0] if errors else {"code": f"http{status}"},
-                       answer.retry_after_s)  # fmt: skip
-    if rate:
+    if status in (401, 402, 403):
+        raise classify(status, first, answer.retry_after_s)
+    if status >= 500 or status in (408, 429) or Kind.RATE in kinds:
         return None
+    about_task = [e for e in errors if e.get("taskUUID") == task_uuid or e.get("status")]
+    if status >= 400 and not about_task:
+        raise classify(status, first, answer.retry_after_s)
     progress = Progress()
     progress.merge(answer.payload, task_uuid)
     return progress
