@@ -9,6 +9,7 @@ its line in the output manifest.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,20 @@ Publish = Callable[[Sequence[tuple[str, str, int]]], None]
 """Publish ``(job id, batch id, row index)`` messages."""
 Stage = Callable[[JobSpec, str], JobSpec]
 """Make a row's local files reachable by remote workers; returns the updated spec."""
+
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_batch_id(batch_id: str) -> str:
+    """A batch id becomes a folder or key prefix and part of every job id: 1-64 of
+    ``A-Z a-z 0-9 . _ -``, and not ``.`` or ``..`` (no way out of ``--output``)."""
+    if not _BATCH_ID.fullmatch(batch_id) or batch_id in (".", ".."):
+        raise UsageError(
+            f"batch id {batch_id[:40]!r}: use 1-64 of the characters A-Z a-z 0-9 . _ - "
+            "(and not . or ..)"
+        )
+    return batch_id
 
 
 def new_batch_id(now: datetime | None = None) -> str:
@@ -126,7 +141,7 @@ class Submitter:
         on_row: Callable[[RowOutcome], None] | None = None,
     ) -> SubmitReport:
         """Record and enqueue every row of ``outcomes`` (from ``read_manifest``)."""
-        bid = options.batch_id
+        bid = check_batch_id(options.batch_id)
         meta = {
             "provider": options.defaults.provider,
             "output": options.output,

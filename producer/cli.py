@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from producer import runner
-from producer.batch import SubmitReport, estimate
+from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
 from worker.errors import ManifestUnreadable, RowCanceled, UsageError
 from worker.providers import default_provider
@@ -69,7 +69,8 @@ def main() -> None:
     try:
         app()
     except (UsageError, ManifestUnreadable) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        # One line, however long: scripts read it (soft_wrap: no wrapping at 80 columns).
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except BatchNotFound as exc:
         err.print(f"[red]error:[/red] no batch {exc}", highlight=False)
@@ -177,21 +178,24 @@ class Prepared:
     manifest: runner.ManifestInput
     defaults: RowDefaults
     outcomes: Iterator[RowOutcome]
+    batch_id: str
 
 
 @contextmanager
 def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[Prepared]:
     """Everything that can refuse a manifest, before any batch or server exists."""
+    batch_id = check_batch_id(args.batch_id) if args.batch_id else new_batch_id()
+    root = output_root(args.output or settings.output)
     needs_two_passes = args.strict or args.max_cost is not None
     with (
         runner.open_manifest(manifest_path, args.fmt) as opened,
         _seekable(opened, needs_two_passes) as manifest,
     ):
-        defaults = _defaults(settings, args, manifest.base_dir)
+        defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
         _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
         outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
-        yield Prepared(manifest, defaults, outcomes)
+        yield Prepared(manifest, defaults, outcomes, batch_id)
 
 
 def _enqueue(
@@ -221,7 +225,7 @@ def _enqueue(
             prepared.outcomes,
             defaults=prepared.defaults,
             output=args.output or settings.output,
-            batch_id=args.batch_id,
+            batch_id=prepared.batch_id,
             on_row=on_row,
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
@@ -234,13 +238,17 @@ def _enqueue(
     return report
 
 
-def _defaults(settings: Settings, args: JobArgs, base_dir: Path) -> RowDefaults:
+def _defaults(
+    settings: Settings, args: JobArgs, base_dir: Path, root: str, batch_id: str
+) -> RowDefaults:
     return runner.row_defaults(
         settings,
         provider=args.provider or default_provider(settings),
         prompt=args.prompt,
         set_items=args.set_items,
         base_dir=base_dir,
+        root=root,
+        batch_id=batch_id,
     )
 
 
@@ -369,6 +377,7 @@ def submit(
 def validate(
     manifest: Annotated[str, typer.Argument(help="manifest file (.csv/.jsonl) or - for stdin")],
     provider: ProviderOpt = None,
+    output: OutputOpt = None,
     prompt: PromptOpt = None,
     set_: SetOpt = None,
     format: FormatOpt = None,
@@ -376,9 +385,11 @@ def validate(
 ) -> None:
     """Dry run: validate every row, render prompts, estimate cost; enqueue nothing."""
     settings = _settings()
+    root = output_root(output or settings.output)
     with runner.open_manifest(manifest, format) as opened:
         args = JobArgs(provider=provider, prompt=prompt, set_items=tuple(set_ or ()))
-        defaults = _defaults(settings, args, opened.base_dir)
+        # The batch does not exist: rows without `output` are compared under a stand-in.
+        defaults = _defaults(settings, args, opened.base_dir, root, "(batch)")
         reporter = RowReporter()
 
         def rows() -> Iterator[RowOutcome]:

@@ -32,6 +32,7 @@ from producer.validation import (
 )
 from worker.errors import Codes, FieldError, ManifestUnreadable, UsageError
 from worker.jobs import JobSpec, safe_id
+from worker.storage import split_image_extension
 
 __all__ = [
     "ROW",
@@ -133,8 +134,8 @@ def parse_set_options(items: Sequence[str]) -> dict[str, str]:
     against the current directory, where the user typed them (paths in a manifest
     resolve against the manifest's folder instead). Other values are kept as given.
     """
-    # Private addresses are checked per row, where the setting is known.
-    env = RowDefaults(base_dir=Path.cwd(), allow_private_urls=True)
+    # Addresses, folders and destinations are checked per row, where the settings are known.
+    env = RowDefaults(base_dir=Path.cwd(), allow_private_urls=True, local_roots=(Path("/"),))
     values: dict[str, str] = {}
     for item in items:
         name, equals, value = item.partition("=")
@@ -425,9 +426,18 @@ class _SeenIds:
             slot = (slot + 1) & mask
         return slot
 
+    @staticmethod
+    def _digest(key: str) -> int:
+        return (hash(key) & 0xFFFF_FFFF_FFFF_FFFF) or 1  # 0 marks an empty slot
+
+    def seen(self, key: str) -> int | None:
+        """The line where ``key`` was first seen, or None (remembering nothing)."""
+        slot = self._slot(self._digest(key))
+        return self._lines[slot] if self._keys[slot] else None
+
     def first_line(self, key: str, line: int) -> int | None:
         """The line where ``key`` was first seen, or None (and remember it at ``line``)."""
-        digest = (hash(key) & 0xFFFF_FFFF_FFFF_FFFF) or 1  # 0 marks an empty slot
+        digest = self._digest(key)
         slot = self._slot(digest)
         if self._keys[slot]:
             return self._lines[slot]
@@ -456,9 +466,7 @@ class _SeenIds:
 
 def _id_of(values: Mapping[str, object]) -> str | None:
     value = values.get("id")
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    return as_text(value).strip() or None
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def _duplicate(seen: _SeenIds, row_id: str, line: int) -> FieldError | None:
@@ -473,8 +481,39 @@ def _duplicate(seen: _SeenIds, row_id: str, line: int) -> FieldError | None:
     return FieldError(line, "id", Codes.DUPLICATE_ID, reason)
 
 
+def output_keys(spec: JobSpec, defaults: RowDefaults) -> list[str]:
+    """The row's result objects as compared for collisions: without their image extension
+    (a provider may pick the format) and case-folded (case-insensitive filesystems, S3
+    consoles), so ``x`` and ``x.jpg``, or ``P`` and ``p.png``, are the same object."""
+    if spec.output:
+        base = spec.output.partition("?")[0] if "://" in spec.output[:8] else spec.output
+    else:
+        base = f"{defaults.destination_root}/{safe_id(spec.id)}"
+    stem = split_image_extension(base)[0].casefold()
+    if spec.num_results == 1:
+        return [stem]
+    return [f"{stem}-{n}" for n in range(1, spec.num_results + 1)]
+
+
+def _collision(
+    seen: _SeenIds, spec: JobSpec, line: int, defaults: RowDefaults
+) -> FieldError | None:
+    keys = output_keys(spec, defaults)
+    for key in keys:
+        first = seen.seen(key)
+        if first is not None:
+            shown = key.rpartition("/")[2][:100]
+            reason = f"its output {shown!r} is the same object as the output of line {first}"
+            return FieldError(line, "output" if spec.output else "id", Codes.DUPLICATE_OUTPUT,
+                              reason)  # fmt: skip
+    for key in keys:
+        seen.first_line(key, line)
+    return None
+
+
 def _outcomes(records: Iterator[_Record], defaults: RowDefaults) -> Iterator[RowOutcome]:
     seen = _SeenIds()
+    outputs = _SeenIds()
     for index, record in enumerate(records):
         errors = list(record.errors)
         spec: JobSpec | None = None
@@ -490,6 +529,10 @@ def _outcomes(records: Iterator[_Record], defaults: RowDefaults) -> Iterator[Row
             duplicate = _duplicate(seen, row_id, record.line)
             if duplicate is not None:
                 errors.append(duplicate)
+        if spec is not None and not errors:
+            collision = _collision(outputs, spec, record.line, defaults)
+            if collision is not None:
+                errors.append(collision)
         yield RowOutcome(
             index=index,
             line=record.line,

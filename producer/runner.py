@@ -78,14 +78,27 @@ def row_defaults(
     prompt: str | None,
     set_items: Sequence[str],
     base_dir: Path,
+    root: str,
+    batch_id: str,
 ) -> RowDefaults:
+    """The defaults of every row, and where rows may read (the manifest's folder, the
+    folders of files given with --set, BGSWAP_LOCAL_ROOTS) and write (``root``: the
+    --output, and BGSWAP_OUTPUT_PREFIXES)."""
+    values = parse_set_options(set_items)
+    set_files = [v for k, v in values.items() if k in ("background", "style_reference_images")]
+    set_dirs = [Path(p).parent for v in set_files for p in v.split("|") if Path(p).is_absolute()]
+    prefixes = [root] if root.startswith("s3://") else []
     return RowDefaults(
         prompt=prompt,
-        values=parse_set_options(set_items),
+        values=values,
         provider=provider,
         available_providers=frozenset(available()),
         base_dir=base_dir,
         allow_private_urls=settings.allow_private_urls,
+        local_roots=(base_dir, *settings.local_root_list, *set_dirs),
+        output_prefixes=(*prefixes, *settings.output_prefix_list),
+        destination_root=f"{root}/{batch_id}",
+        max_field_bytes=settings.max_field_bytes,
     )
 
 

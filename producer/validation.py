@@ -67,7 +67,7 @@ MAX_RESULTS = max(caps.max_results for caps in PROVIDER_CAPS.values())
 
 @dataclass(frozen=True)
 class RowDefaults:
-    """What the command line adds to every row."""
+    """What the command line adds to every row, and where a row may read and write."""
 
     prompt: str | None = None  # --prompt TEMPLATE (used when the row's prompt is empty/missing)
     values: Mapping[str, str] = field(default_factory=dict)  # --set NAME=VALUE
@@ -75,6 +75,18 @@ class RowDefaults:
     available_providers: frozenset[str] = frozenset({"local"})
     base_dir: Path = Path(".")  # relative local paths resolve against this
     allow_private_urls: bool = False
+    # Folders a row's local paths may point into (after symlinks); empty: base_dir alone.
+    local_roots: tuple[Path, ...] = ()
+    # Where an ``output`` column's s3:// key may be (``s3://bucket/prefix``); empty: nowhere.
+    output_prefixes: tuple[str, ...] = ()
+    # Where rows without ``output`` go (``{--output}/{batch}``), for telling collisions.
+    destination_root: str = ""
+    # The largest manifest field (and line) the reader takes.
+    max_field_bytes: int = 1 << 20
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return self.local_roots or (self.base_dir,)
 
 
 class InvalidField(Exception):
@@ -106,6 +118,16 @@ def as_text(value: object) -> str:
     if value is None:
         return ""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else "null"
 
 
 def _text(value: object) -> str:
@@ -245,16 +267,33 @@ def _data_uri(text: str) -> str:
     return text
 
 
+def within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both absolute, symlinks already resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _local_file(text: str, defaults: RowDefaults) -> str:
+    """An existing regular file under one of the row's roots, as its real path: symlinks
+    and ``..`` are resolved first, so neither leads out, and nothing outside is opened."""
     path = os.path.expanduser(text) if text.startswith("~") else text
-    full = os.path.abspath(os.path.join(defaults.base_dir, path))
     try:
-        mode = os.stat(full).st_mode
+        real = os.path.realpath(os.path.join(defaults.base_dir, path))
     except (OSError, ValueError):
-        raise InvalidField(Codes.FILE_NOT_FOUND, f"no such file: {full}") from None
+        raise InvalidField(Codes.FILE_NOT_FOUND, f"not a usable path: {text[:200]!r}") from None
+    roots = [os.path.realpath(root) for root in defaults.roots]
+    if not any(within(real, root) for root in roots):
+        raise InvalidField(
+            Codes.PATH_OUTSIDE_ROOT,
+            f"{text[:200]!r} is outside the folders a manifest may read ({', '.join(roots)}); "
+            "BGSWAP_LOCAL_ROOTS adds folders",
+        )
+    try:
+        mode = os.stat(real).st_mode
+    except (OSError, ValueError):
+        raise InvalidField(Codes.FILE_NOT_FOUND, f"no such file: {real}") from None
     if not stat.S_ISREG(mode):
-        raise InvalidField(Codes.FILE_NOT_FOUND, f"not a regular file: {full}")
-    return full
+        raise InvalidField(Codes.FILE_NOT_FOUND, f"not a regular file: {real}")
+    return real
 
 
 def parse_image_ref(value: object, defaults: RowDefaults) -> str:
@@ -279,7 +318,12 @@ def parse_image_ref(value: object, defaults: RowDefaults) -> str:
 
 
 def parse_id(value: object, _defaults: RowDefaults) -> str:
-    text = _text(value).strip()
+    if not isinstance(value, str):
+        # A JSON 123 and "123", or true and "true", would be one id: ids are strings.
+        raise InvalidField(
+            Codes.INVALID_VALUE, f"id must be a string, not {_kind(value)} (write it in quotes)"
+        )
+    text = value.strip()
     if len(text) > ID_MAX_CHARS:
         raise InvalidField(Codes.TOO_LONG, f"id is {len(text)} characters (at most {ID_MAX_CHARS})")
     if not text.isascii():
@@ -290,18 +334,43 @@ def parse_id(value: object, _defaults: RowDefaults) -> str:
     return text
 
 
+def in_prefix(s3_url: str, prefix: str) -> bool:
+    """``s3://bucket/key`` lies under ``s3://bucket[/prefix]`` (whole segments only)."""
+    bucket, _, key = s3_url[5:].partition("/")
+    want_bucket, _, want_key = prefix[5:].partition("/")
+    want_key = want_key.strip("/")
+    if bucket != want_bucket:
+        return False
+    return not want_key or key == want_key or key.startswith(want_key + "/")
+
+
 def parse_output(value: object, defaults: RowDefaults) -> str:
+    """A presigned http(s) URL (it carries its own authority, and is address-checked), or
+    ``s3://bucket/key`` inside ``--output`` or a prefix of BGSWAP_OUTPUT_PREFIXES."""
     text = _text(value).strip()
     scheme = _SCHEME.match(text)
     name = scheme.group(1).lower() if scheme else ""
     if name in ("http", "https"):
         return _http_url(text, defaults)
-    if name == "s3":
-        return _s3_url(text)
-    raise InvalidField(
-        Codes.INVALID_URL,
-        f"{redact_url(text)!r} is not a presigned http(s):// URL or s3://bucket/key",
-    )
+    if name != "s3":
+        raise InvalidField(
+            Codes.INVALID_URL,
+            f"{redact_url(text)!r} is not a presigned http(s):// URL or s3://bucket/key",
+        )
+    _s3_url(text)
+    segments = text[5:].split("/")[1:]
+    if any(part in ("", ".", "..") for part in segments):
+        raise InvalidField(
+            Codes.INVALID_URL, f"{text[:200]!r}: empty, '.' or '..' parts are not allowed in a key"
+        )
+    if not any(in_prefix(text, prefix) for prefix in defaults.output_prefixes):
+        allowed = ", ".join(defaults.output_prefixes) or "none: --output is a local folder"
+        raise InvalidField(
+            Codes.OUTPUT_OUTSIDE_PREFIX,
+            f"{text[:200]!r} is outside the destinations rows may write ({allowed}); "
+            "BGSWAP_OUTPUT_PREFIXES adds some",
+        )
+    return text
 
 
 def parse_provider(value: object, _defaults: RowDefaults) -> str:

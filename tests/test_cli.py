@@ -94,6 +94,17 @@ def test_missing_manifest_and_bad_usage_exit_2(shots: Path) -> None:
     assert typo.returncode == 2 and "BGSWAP_OUTPUTT" in typo.stderr
 
 
+@pytest.mark.parametrize("bid", ["../../../x", "a:b", "x" * 300, ".."])
+def test_a_batch_id_that_could_leave_the_output_is_refused_before_anything_starts(
+    shots: Path, bid: str
+) -> None:
+    (shots / "good.csv").write_text(GOOD)
+    done = bgswap("run", "good.csv", "--output", "out/inner", "--batch-id", bid, cwd=shots)
+    assert done.returncode == 2, done.stderr
+    assert "batch id" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (shots / "out").exists() and not (shots.parent / "x").exists()
+
+
 def test_strict_refuses_the_whole_manifest(shots: Path) -> None:
     (shots / "bad.csv").write_text(BAD)
     done = bgswap("run", "bad.csv", "--strict", "--output", "out", cwd=shots)

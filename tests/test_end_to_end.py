@@ -122,6 +122,8 @@ def test_celery_worker_subprocess_with_s3_outputs(
         "BGSWAP_ALLOW_PRIVATE_URLS": "1",
         "BGSWAP_MAX_ATTEMPTS": "2",
         "BGSWAP_RETRY_BASE_S": "0.1",
+        # local-row writes outside --output: only where the operator allows it
+        "BGSWAP_OUTPUT_PREFIXES": f"s3://{bucket}/custom",
     }
     log = tmp_path / "worker.log"
     # No readiness wait needed: messages wait in Redis until the worker consumes them.

@@ -378,7 +378,8 @@ def test_prompt_too_long(fmt: Format) -> None:
     "dest", ["https://bucket.s3.amazonaws.com/k.jpg?X-Amz-Signature=abc", "s3://bucket/out/k.jpg"]
 )
 def test_output_accepted(fmt: Format, dest: str) -> None:
-    assert spec_of(one(fmt, output=dest)).output == dest
+    d = defaults(output_prefixes=("s3://bucket/out",))
+    assert spec_of(one(fmt, d, output=dest)).output == dest
 
 
 @fmts
@@ -697,7 +698,9 @@ def test_jsonl_object_where_text_is_expected(column: str) -> None:
 
 
 def test_jsonl_numbers_as_text() -> None:
-    (outcome,) = read("jsonl", [{**BASE, "id": 123, "style_code": 12345678, "provider": "runware"}])
+    """Option values may be numbers; ids may not (tests/test_untrusted.py: one id, one row)."""
+    rows = [{**BASE, "id": "123", "style_code": 12345678, "provider": "runware"}]
+    (outcome,) = read("jsonl", rows)
     spec = spec_of(outcome)
     assert (spec.id, spec.style_code, outcome.row_id) == ("123", "12345678", "123")
 

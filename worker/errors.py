@@ -151,6 +151,11 @@ class Codes:
     INVALID_JSON = "input.invalid_json"
     EXTRA_FIELDS = "input.extra_fields"
     FILE_NOT_FOUND = "input.file_not_found"
+    PATH_OUTSIDE_ROOT = "input.path_outside_root"
+    OUTPUT_OUTSIDE_PREFIX = "input.output_outside_prefix"
+    DUPLICATE_OUTPUT = "input.duplicate_output"
+    FIELD_TOO_LARGE = "input.field_too_large"
+    UNTERMINATED_QUOTE = "input.unterminated_quote"
     PRIVATE_ADDRESS = "input.private_address"
     PROVIDER_UNAVAILABLE = "input.provider_unavailable"
 

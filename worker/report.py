@@ -62,13 +62,29 @@ def write_jsonl(lines: Iterable[dict[str, Any]], out: IO[str]) -> int:
     return n
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that no spreadsheet will run: text starting like a formula gets a
+    leading ``'`` (the usual escape, shown by spreadsheets as plain text)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_csv(lines: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    """The output manifest as CSV: lists and objects as JSON, every text cell defused
+    against formula injection (``spreadsheet_safe``). JSON Lines stays exact."""
     writer = csv.DictWriter(out, fieldnames=FIELDS)
     writer.writeheader()
     n = 0
     for line in lines:
         flat = {
-            k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
+            k: spreadsheet_safe(
+                json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
+            )
             for k, v in line.items()
         }
         writer.writerow(flat)

@@ -9,7 +9,9 @@ a default), and secrets are ``SecretStr`` so they never print.
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -77,6 +79,12 @@ class Settings(BaseSettings):
 
     s3_endpoint_url: str | None = None
     allow_private_urls: bool = False
+    # Where a manifest may read and write besides its own folder and --output: local
+    # folders (os.pathsep-separated), s3://bucket/prefix destinations (comma-separated).
+    local_roots: str | None = None
+    output_prefixes: str | None = None
+    # The largest manifest field (and line) the reader takes; a bigger one is a row error.
+    max_field_bytes: int = Field(default=1 << 20, ge=1024)
 
     # Source downloads: a cap so one bad URL cannot fill a worker's memory.
     max_source_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
@@ -108,6 +116,24 @@ class Settings(BaseSettings):
     # taken over by another process's watchdog within this plus the watchdog interval.
     row_lease_s: float = Field(default=60.0, ge=3)
     visibility_timeout_s: int = Field(default=150, ge=10)
+
+    @field_validator("output_prefixes")
+    @classmethod
+    def _prefixes(cls, value: str | None) -> str | None:
+        for prefix in (value or "").split(","):
+            if prefix.strip() and not re.fullmatch(
+                r"s3://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?", prefix.strip()
+            ):
+                raise ValueError(f"{prefix.strip()!r} is not an s3://bucket/prefix")
+        return value
+
+    @property
+    def local_root_list(self) -> list[Path]:
+        return [Path(p).expanduser() for p in (self.local_roots or "").split(os.pathsep) if p]
+
+    @property
+    def output_prefix_list(self) -> list[str]:
+        return [p.strip().rstrip("/") for p in (self.output_prefixes or "").split(",") if p.strip()]
 
     @field_validator("runware_rate", "fal_rate")
     @classmethod

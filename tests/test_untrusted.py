@@ -1,0 +1,231 @@
+"""Manifests written by somebody else (an e-commerce import, say): each row reads only
+under its roots, writes only inside its destinations, and cannot pass one object off as
+another's. One hostile fixture per rule, through the real reader."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.batch import check_batch_id
+from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from worker.errors import Codes, UsageError
+from worker.report import spreadsheet_safe, write_csv, write_jsonl
+
+URL = "https://cdn.example.com/a.jpg"
+
+
+def read_rows(rows: list[dict[str, Any]], d: RowDefaults) -> list[RowOutcome]:
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return list(read_manifest(io.BytesIO(data), "jsonl", d))
+
+
+def codes(outcome: RowOutcome) -> list[str]:
+    return [e.code for e in outcome.errors]
+
+
+def row(**values: Any) -> dict[str, Any]:
+    return {"id": "sku", "image": URL, "prompt": "p", **values}
+
+
+# -- local paths stay under their roots --------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """manifests/ (the root), with a product shot; secret/ beside it."""
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "shot.png").write_bytes(b"png")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key.png").write_bytes(b"secret")
+    os.symlink(tmp_path / "secret" / "key.png", tmp_path / "manifests" / "link.png")
+    os.symlink(tmp_path / "secret", tmp_path / "manifests" / "dirlink")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "/etc/shadow",
+        "/proc/self/environ",
+        "../secret/key.png",
+        "../../../../../../etc/passwd",
+        "link.png",  # a symlink out of the root
+        "dirlink/key.png",  # through a symlinked folder
+        "~/.aws/credentials",
+    ],
+)
+def test_a_local_path_outside_the_roots_is_refused_before_anything_opens_it(
+    tree: Path, ref: str
+) -> None:
+    d = RowDefaults(base_dir=tree / "manifests")
+    (outcome,) = read_rows([row(image=ref)], d)
+    assert codes(outcome) == [Codes.PATH_OUTSIDE_ROOT], outcome.errors
+    assert outcome.errors[0].column == "image"
+    assert "BGSWAP_LOCAL_ROOTS" in outcome.errors[0].reason
+
+
+def test_every_image_column_is_confined(tree: Path) -> None:
+    d = RowDefaults(base_dir=tree / "manifests")
+    (outcome,) = read_rows(
+        [row(style_reference_images=["shot.png", "../secret/key.png"], provider="local")], d
+    )
+    assert codes(outcome) == [Codes.PATH_OUTSIDE_ROOT]
+    (outcome,) = read_rows([row(background="../secret/key.png")], d)
+    assert codes(outcome) == [Codes.PATH_OUTSIDE_ROOT]
+
+
+def test_a_path_inside_the_roots_is_taken_as_its_real_path(tree: Path) -> None:
+    d = RowDefaults(base_dir=tree / "manifests")
+    (outcome,) = read_rows([row(image="./shot.png")], d)
+    assert outcome.ok and outcome.spec is not None
+    assert outcome.spec.image == os.path.realpath(tree / "manifests" / "shot.png")
+
+
+def test_more_roots_widen_what_a_row_may_read(tree: Path) -> None:
+    d = RowDefaults(base_dir=tree / "manifests", local_roots=(tree / "manifests", tree / "secret"))
+    (outcome,) = read_rows([row(image="link.png")], d)
+    assert outcome.ok and outcome.spec is not None
+    assert outcome.spec.image == str((tree / "secret" / "key.png").resolve())
+
+
+def test_a_root_is_a_whole_folder_not_a_name_prefix(tree: Path) -> None:
+    (tree / "manifests-evil").mkdir()
+    (tree / "manifests-evil" / "x.png").write_bytes(b"x")
+    d = RowDefaults(base_dir=tree / "manifests")
+    (outcome,) = read_rows([row(image="../manifests-evil/x.png")], d)
+    assert codes(outcome) == [Codes.PATH_OUTSIDE_ROOT]
+
+
+# -- outputs stay inside their destinations ----------------------------------------------
+
+INSIDE = RowDefaults(output_prefixes=("s3://catalog/bgswap", "s3://shared/imports"))
+
+
+@pytest.mark.parametrize(
+    "dest",
+    [
+        "s3://catalog/bgswap/b1/x.jpg",
+        "s3://shared/imports/2026/x.png",
+        "https://bucket.s3.amazonaws.com/x.jpg?X-Amz-Signature=abc",  # its own authority
+    ],
+)
+def test_outputs_inside_the_destinations_are_taken(dest: str) -> None:
+    (outcome,) = read_rows([row(output=dest)], INSIDE)
+    assert outcome.ok, outcome.errors
+
+
+@pytest.mark.parametrize(
+    ("dest", "code"),
+    [
+        ("s3://other-bucket/x.jpg", Codes.OUTPUT_OUTSIDE_PREFIX),
+        ("s3://catalog/x.jpg", Codes.OUTPUT_OUTSIDE_PREFIX),  # the bucket, not the prefix
+        ("s3://catalog/bgswap-evil/x.jpg", Codes.OUTPUT_OUTSIDE_PREFIX),  # a name prefix only
+        ("s3://catalog/bgswap/../secrets/x.jpg", Codes.INVALID_URL),
+        ("s3://catalog/bgswap//x.jpg", Codes.INVALID_URL),
+        ("s3://catalog/bgswap/./x.jpg", Codes.INVALID_URL),
+    ],
+)
+def test_outputs_outside_the_destinations_are_refused(dest: str, code: str) -> None:
+    (outcome,) = read_rows([row(output=dest)], INSIDE)
+    assert codes(outcome) == [code], outcome.errors
+    assert outcome.errors[0].column == "output"
+
+
+def test_with_a_local_output_no_s3_destination_is_allowed_unless_listed() -> None:
+    (outcome,) = read_rows([row(output="s3://catalog/bgswap/x.jpg")], RowDefaults())
+    assert codes(outcome) == [Codes.OUTPUT_OUTSIDE_PREFIX]
+
+
+# -- batch ids ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bid", ["20261201-a", "nightly.2026-12-01", "A_b-1", "x" * 64])
+def test_batch_ids_that_are_taken(bid: str) -> None:
+    assert check_batch_id(bid) == bid
+
+
+@pytest.mark.parametrize(
+    "bid", ["../../../x", ".", "..", "a/b", "a:b", "a b", "", "x" * 65, "é", "a\\b", "a\nb"]
+)
+def test_batch_ids_that_could_escape_or_collide_are_refused(bid: str) -> None:
+    with pytest.raises(UsageError, match="batch id"):
+        check_batch_id(bid)
+
+
+# -- one object, one row -----------------------------------------------------------------
+
+ROOT = RowDefaults(destination_root="s3://catalog/bgswap/b1", available_providers=frozenset(
+    {"local", "runware"}), output_prefixes=("s3://catalog/bgswap",))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (row(id="x"), row(id="x.jpg")),
+        (row(id="p", output_format="PNG"), row(id="p.png")),
+        (row(id="Shirt"), row(id="shirt")),  # case-insensitive filesystems, S3 consoles
+        (row(id="a", output="s3://catalog/bgswap/same.jpg"),
+         row(id="b", output="s3://catalog/bgswap/same.jpg")),
+        (row(id="a", output="s3://catalog/bgswap/b1/c.jpg"), row(id="c")),  # a default key
+        (row(id="x", num_results=2, provider="runware"), row(id="x-1")),
+    ],
+)  # fmt: skip
+def test_rows_that_would_write_one_object_collide(
+    first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    a, b = read_rows([first, row(id="between"), second], ROOT)[::2]
+    assert a.ok, a.errors
+    assert codes(b) == [Codes.DUPLICATE_OUTPUT], b.errors
+    assert "line 1" in b.errors[0].reason  # names the row it collides with
+
+
+def test_a_rejected_row_claims_no_output() -> None:
+    outcomes = read_rows([row(id="x", seed="bad", provider="runware"), row(id="x.jpg")], ROOT)
+    assert not outcomes[0].ok and outcomes[1].ok
+
+
+@pytest.mark.parametrize("value", [123, 1.5, True, None, ["a"], {"a": 1}])
+def test_a_json_id_that_is_not_a_string_is_refused(value: Any) -> None:
+    (outcome,) = read_rows([row(id=value)], ROOT)
+    assert not outcome.ok
+    expected = Codes.MISSING_FIELD if value is None else Codes.INVALID_VALUE
+    assert codes(outcome) == [expected], outcome.errors
+    if value is not None:
+        assert "must be a string" in outcome.errors[0].reason
+
+
+def test_true_and_the_string_true_are_not_one_row_twice() -> None:
+    a, b = read_rows([row(id="true"), row(id=True)], ROOT)
+    assert a.ok and codes(b) == [Codes.INVALID_VALUE]
+
+
+# -- reports a spreadsheet opens ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cell", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+)
+def test_csv_report_cells_that_start_like_a_formula_are_defused(cell: str) -> None:
+    line = {"id": cell, "status": "failed", "prompt": cell, "meta": {"k": cell}}
+    out = io.StringIO()
+    write_csv([line], out)
+    assert spreadsheet_safe(cell) == "'" + cell
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert rows[0]["id"] == "'" + cell and rows[0]["prompt"] == "'" + cell
+    # JSON Lines stays exact
+    exact = io.StringIO()
+    write_jsonl([line], exact)
+    assert json.loads(exact.getvalue())["id"] == cell
+
+
+def test_csv_report_leaves_ordinary_cells_alone() -> None:
+    assert spreadsheet_safe("sku-1") == "sku-1"
+    assert spreadsheet_safe(0.06) == 0.06
+    assert spreadsheet_safe(None) is None
