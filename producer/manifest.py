@@ -17,6 +17,7 @@ import csv
 import json
 import re
 from array import array
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -164,45 +165,96 @@ def parse_set_options(items: Sequence[str]) -> dict[str, str]:
 # -- lines --------------------------------------------------------------------------------
 
 
-class _Lines:
-    """The input's lines as text, numbered from 1.
+class _RecordTooLarge(Exception):
+    """The record being read has grown past the field cap (an unclosed quote, usually)."""
 
-    Undecodable bytes are replaced and the line number kept in ``bad`` (the consumer
-    turns it into a row error); in the first line they mean the input is not a manifest.
+
+class _Lines:
+    """The input's lines as text, numbered from 1, none longer than ``cap`` bytes.
+
+    Undecodable bytes are replaced and the line number kept in ``bad``; a line over the
+    cap is skipped (read through in chunks, never held) and its number kept in
+    ``too_long``: the consumer turns both into row errors, and in the first line they mean
+    the input is not a manifest. The lines of the record being read are kept (``record``,
+    at most ``cap`` bytes in all, else ``_RecordTooLarge``) so that a record found to be
+    broken can be given back (``give_back``) and read again from its second line.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, cap: int) -> None:
         self._stream = stream
+        self.cap = cap
         self.number = 0
         self.bad: list[int] = []
+        self.too_long: list[int] = []
+        self.record: list[tuple[int, str]] = []
+        self.eof = False
+        self._bytes = 0
+        self._replay: deque[tuple[int, str]] = deque()
+        self._read = 0  # lines read from the stream
 
-    def _first(self) -> bytes:
-        chunk = self._stream.readline(_START_CHECK_BYTES)
-        complete = chunk.endswith(b"\n") or len(chunk) < _START_CHECK_BYTES
-        chunk = chunk.removeprefix(_BOM)
-        _check_start(chunk, final=complete)
-        return chunk if complete else chunk + self._stream.readline()
+    def _raw_line(self) -> bytes | None:
+        """The next line's bytes (None at the end); a line over the cap becomes b''."""
+        limit = max(self.cap, _START_CHECK_BYTES) if self._read == 0 else self.cap
+        raw = self._stream.readline(limit + 1)
+        if not raw:
+            return None
+        self._read += 1
+        if self._read == 1:
+            raw = raw.removeprefix(_BOM)
+            _check_start(raw[:_START_CHECK_BYTES], final=len(raw) < _START_CHECK_BYTES)
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (more := self._stream.readline(1 << 20)) and not more.endswith(b"\n"):
+                pass
+            self.too_long.append(self._read)
+            return b""
+        return raw
 
-    def _decode(self, raw: bytes) -> str:
+    def _decode(self, raw: bytes, number: int) -> str:
         try:
             return raw.decode()
         except UnicodeDecodeError:
-            self.bad.append(self.number)
+            self.bad.append(number)
             return raw.decode(errors="replace")
 
-    def __iter__(self) -> Iterator[str]:
-        first = self._first()
-        if not first:
-            return
-        self.number = 1
-        yield self._decode(first)
-        for raw in self._stream:
-            self.number += 1
-            yield self._decode(raw)
+    def _next(self) -> tuple[int, str] | None:
+        if self._replay:
+            return self._replay.popleft()
+        raw = self._raw_line()
+        if raw is None:
+            return None
+        return self._read, self._decode(raw, self._read)
+
+    def next_number(self) -> int:
+        """The number of the line the next read will give."""
+        return self._replay[0][0] if self._replay else self._read + 1
+
+    def texts(self) -> Iterator[str]:
+        """The lines from here on (a new iterator may take over after an exception)."""
+        while (item := self._next()) is not None:
+            self.number = item[0]
+            self.record.append(item)
+            self._bytes += len(item[1])
+            if self._bytes > self.cap and len(self.record) > 1:
+                raise _RecordTooLarge
+            yield item[1]
+        self.eof = True
+
+    def begin_record(self) -> None:
+        self.record = []
+        self._bytes = 0
+
+    def give_back(self) -> None:
+        """The record was broken: read its lines again, from its second one."""
+        self._replay.extendleft(reversed(self.record[1:]))
+        self.begin_record()
 
     def take_bad(self) -> list[int]:
         bad, self.bad = self.bad, []
         return bad
+
+    def take_too_long(self) -> list[int]:
+        too_long, self.too_long = self.too_long, []
+        return too_long
 
 
 class _Record(NamedTuple):
@@ -247,45 +299,91 @@ def _check_header(names: list[str]) -> None:
             )
 
 
+def _unbalanced(lines: Sequence[tuple[int, str]]) -> bool:
+    """An odd number of quote characters: a quoted field was opened and never closed."""
+    return sum(text.count('"') for _, text in lines) % 2 == 1
+
+
 class _CsvRecords:
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, cap: int) -> None:
         if csv.field_size_limit() < _CSV_FIELD_LIMIT:
             csv.field_size_limit(_CSV_FIELD_LIMIT)
-        self._lines = _Lines(stream)
-        self._reader = csv.reader(self._lines, strict=False)
+        self._lines = _Lines(stream, cap)
+        self._reader = self._new_reader()
         self.columns = self._header()
+
+    def _new_reader(self) -> Iterator[list[str]]:
+        return csv.reader(self._lines.texts(), strict=False)
 
     def _header(self) -> list[str]:
         try:
             for fields in self._reader:
                 if self._lines.bad:
                     raise ManifestUnreadable(f"line {self._lines.bad[0]} is not UTF-8 text")
+                if self._lines.too_long:
+                    raise ManifestUnreadable(
+                        f"line {self._lines.too_long[0]} is over {self._lines.cap} bytes"
+                    )
                 if any(f.strip() for f in fields):
                     names = [f.strip() for f in fields]
                     while not names[-1]:  # trailing commas
                         names.pop()
                     _check_header(names)
                     return names
-        except csv.Error as exc:
-            raise ManifestUnreadable(f"malformed CSV header: {exc}") from None
+        except (csv.Error, _RecordTooLarge) as exc:
+            raise ManifestUnreadable(
+                f"malformed CSV header: {exc or 'an unclosed quote'}"
+            ) from None
         raise ManifestUnreadable("the manifest is empty")
 
     def __iter__(self) -> Iterator[_Record]:
-        reader, lines = self._reader, self._lines
+        lines = self._lines
         while True:
-            start = lines.number + 1
+            lines.begin_record()
+            start = lines.next_number()
             try:
-                fields = next(reader)
+                fields = next(self._reader)
             except StopIteration:
                 return
-            except csv.Error as exc:
+            except (csv.Error, _RecordTooLarge) as exc:
+                yield self._broken(start, exc)
+                continue
+            if lines.eof and len(lines.record) > 1 and _unbalanced(lines.record):
+                # csv would make the rest of the file one field: report it, read on.
+                yield self._broken(start, None)
+                continue
+            too_long = lines.take_too_long()
+            if too_long:
                 lines.take_bad()
-                error = FieldError(start, ROW, Codes.INVALID_VALUE, f"malformed CSV: {exc}")
-                yield _Record(start, None, {}, (error,))
+                reason = f"line {too_long[0]} is over {lines.cap} bytes (BGSWAP_MAX_FIELD_BYTES)"
+                yield _Record(start, None, {}, (FieldError(start, ROW, Codes.FIELD_TOO_LARGE,
+                                                           reason),))  # fmt: skip
                 continue
             if not fields or (not fields[0].strip() and not any(f.strip() for f in fields)):
                 continue  # a blank line, or only commas
             yield self._record(start, fields)
+
+    def _broken(self, start: int, exc: Exception | None) -> _Record:
+        """The record from line ``start`` cannot be read; its later lines are read again."""
+        lines = self._lines
+        lines.take_bad()
+        lines.take_too_long()
+        if isinstance(exc, csv.Error):
+            error = FieldError(start, ROW, Codes.INVALID_VALUE, f"malformed CSV: {exc}")
+            lines.begin_record()  # csv went past it already
+        elif isinstance(exc, _RecordTooLarge):
+            reason = (
+                f"the row from line {start} is over {lines.cap} bytes (BGSWAP_MAX_FIELD_BYTES): "
+                f"a quote opened on line {start} and never closed?"
+            )
+            error = FieldError(start, ROW, Codes.FIELD_TOO_LARGE, reason)
+            lines.give_back()
+        else:
+            reason = f"a quoted field opened on line {start} is never closed (the file ends in it)"
+            error = FieldError(start, ROW, Codes.UNTERMINATED_QUOTE, reason)
+            lines.give_back()
+        self._reader = self._new_reader()
+        return _Record(start, None, {}, (error,))
 
     def _record(self, line: int, fields: list[str]) -> _Record:
         width = len(self.columns)
@@ -366,13 +464,18 @@ def _parse_json_line(line: int, text: str) -> _Record:
 
 
 class _JsonlRecords:
-    def __init__(self, stream: BinaryIO) -> None:
-        self._lines = _Lines(stream)
-        self._texts = iter(self._lines)
+    def __init__(self, stream: BinaryIO, cap: int) -> None:
+        self._lines = _Lines(stream, cap)
+        self._texts = self._lines.texts()
         self._first = self._first_record()
 
     def _first_record(self) -> _Record:
         for text in self._texts:
+            self._lines.begin_record()
+            if self._lines.too_long:
+                raise ManifestUnreadable(
+                    f"line {self._lines.number} is over {self._lines.cap} bytes"
+                )
             if not text or text.isspace():
                 continue
             number = self._lines.number
@@ -388,6 +491,12 @@ class _JsonlRecords:
         yield self._first
         lines = self._lines
         for text in self._texts:
+            lines.begin_record()  # one line is one record: nothing to give back
+            if lines.take_too_long():
+                reason = f"the line is over {lines.cap} bytes (BGSWAP_MAX_FIELD_BYTES)"
+                error = FieldError(lines.number, ROW, Codes.FIELD_TOO_LARGE, reason)
+                yield _Record(lines.number, None, {}, (error,))
+                continue
             if text.isspace():
                 continue
             if lines.bad:
@@ -552,9 +661,9 @@ def read_manifest(stream: BinaryIO, fmt: Format, defaults: RowDefaults) -> Itera
     """
     records: Iterator[_Record]
     if fmt == "csv":
-        records = iter(_CsvRecords(stream))
+        records = iter(_CsvRecords(stream, defaults.max_field_bytes))
     elif fmt == "jsonl":
-        records = iter(_JsonlRecords(stream))
+        records = iter(_JsonlRecords(stream, defaults.max_field_bytes))
     else:
         raise ValueError(f"unknown manifest format {fmt!r}")
     return _outcomes(records, defaults)

@@ -229,3 +229,73 @@ def test_csv_report_leaves_ordinary_cells_alone() -> None:
     assert spreadsheet_safe("sku-1") == "sku-1"
     assert spreadsheet_safe(0.06) == 0.06
     assert spreadsheet_safe(None) is None
+
+
+# -- bounded manifests -------------------------------------------------------------------
+
+SMALL = RowDefaults(max_field_bytes=4096)
+
+
+def read_csv(data: bytes, d: RowDefaults = SMALL) -> list[RowOutcome]:
+    return list(read_manifest(io.BytesIO(data), "csv", d))
+
+
+def test_a_field_over_the_cap_is_a_row_error_and_the_rows_around_it_go_on() -> None:
+    data = (f"id,image,prompt\na,{URL},p\nb,{URL},{'x' * 10_000}\nc,{URL},p\n").encode()
+    a, b, c = read_csv(data)
+    assert a.ok and c.ok and (c.line, c.row_id) == (4, "c")
+    assert codes(b) == [Codes.FIELD_TOO_LARGE] and b.line == 3
+    assert "4096 bytes" in b.errors[0].reason and "BGSWAP_MAX_FIELD_BYTES" in b.errors[0].reason
+
+
+def test_a_stray_opening_quote_is_an_error_at_its_line_not_a_silent_merge() -> None:
+    rows = "".join(f"r{i},{URL},p\n" for i in range(3, 400))
+    data = (f'id,image,prompt\nr1,{URL},p\nr2,"{URL},p\n' + rows).encode()
+    outcomes = read_csv(data)
+    assert [o.row_id for o in outcomes if o.ok] == ["r1", *(f"r{i}" for i in range(3, 400))]
+    (bad,) = [o for o in outcomes if not o.ok]
+    assert bad.line == 3 and codes(bad) == [Codes.FIELD_TOO_LARGE]
+    assert "quote opened on line 3" in bad.errors[0].reason
+
+
+def test_an_unclosed_quote_at_the_end_names_its_line_and_keeps_the_rows_after_it() -> None:
+    data = (f'id,image,prompt\nr1,{URL},p\nr2,{URL},"p\nr3,{URL},p\nr4,{URL},p\n').encode()
+    outcomes = read_csv(data, RowDefaults())
+    assert [(o.line, o.row_id, o.ok) for o in outcomes if o.ok] == [
+        (2, "r1", True), (4, "r3", True), (5, "r4", True)
+    ]  # fmt: skip
+    (bad,) = [o for o in outcomes if not o.ok]
+    assert bad.line == 3 and codes(bad) == [Codes.UNTERMINATED_QUOTE]
+    assert "opened on line 3 is never closed" in bad.errors[0].reason
+
+
+def test_a_quoted_field_may_still_span_lines() -> None:
+    data = f'id,image,prompt\nr1,{URL},"one\ntwo"\nr2,{URL},p\n'.encode()
+    r1, r2 = read_csv(data)
+    assert r1.ok and r1.spec is not None and r1.spec.prompt == "one\ntwo" and r2.ok
+
+
+def test_a_jsonl_line_over_the_cap_is_a_row_error() -> None:
+    data = "".join(
+        json.dumps(r) + "\n" for r in [row(id="a"), row(id="b", prompt="x" * 9000), row(id="c")]
+    ).encode()
+    a, b, c = list(read_manifest(io.BytesIO(data), "jsonl", SMALL))
+    assert a.ok and c.ok and codes(b) == [Codes.FIELD_TOO_LARGE] and b.line == 2
+
+
+def test_reading_a_huge_field_holds_no_more_than_the_cap(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as fh:
+        fh.write(f"id,image,prompt\na,{URL},p\nb,{URL},".encode())
+        for _ in range(64):
+            fh.write(b"y" * (1 << 20))  # a 64 MB field
+        fh.write(f"\nc,{URL},p\n".encode())
+    tracemalloc.start()
+    with path.open("rb") as fh:
+        outcomes = list(read_manifest(fh, "csv", RowDefaults()))  # the default cap: 1 MB
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [codes(o) for o in outcomes] == [[], [Codes.FIELD_TOO_LARGE], []]
+    assert peak < 8 << 20, peak  # the 1 MB cap, a couple of times over, never the 64 MB
