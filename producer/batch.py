@@ -12,12 +12,13 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from producer.manifest import RowDefaults, RowOutcome
+from producer.staging import Unstageable
 from producer.validation import KNOWN_COLUMNS
 from worker.errors import FieldError, UsageError
 from worker.jobs import Job, JobSpec, safe_id
@@ -171,26 +172,37 @@ class Submitter:
         messages: list[tuple[str, str, int]] = []
         for outcome in chunk:
             report.total += 1
-            if outcome.spec is None:
+            staged = self._staged(outcome, bid)
+            if staged.spec is None:
                 report.rejected += 1
-                report.errors.extend(outcome.errors)
-                job_json, result = rejected_record(outcome, options.defaults)
-                rows.append((outcome.index, job_json, "failed", json.dumps(result)))
+                report.errors.extend(staged.errors)
+                job_json, result = rejected_record(staged, options.defaults)
+                rows.append((staged.index, job_json, "failed", json.dumps(result)))
                 continue
-            spec = self.stage(outcome.spec, bid) if self.stage else outcome.spec
+            spec = staged.spec
             job = Job(
                 batch_id=bid,
-                index=outcome.index,
-                line=outcome.line,
+                index=staged.index,
+                line=staged.line,
                 spec=spec,
                 dest=row_destination(spec, options.output, bid),
             )
             report.valid += 1
             report.estimated_cost_usd += self.providers(spec.provider).estimate_cost(spec)
-            rows.append((outcome.index, job.model_dump_json(), "queued", None))
-            messages.append((job.job_id, bid, outcome.index))
+            rows.append((staged.index, job.model_dump_json(), "queued", None))
+            messages.append((job.job_id, bid, staged.index))
         if rows:
             # Record before publishing: a worker must always find its job record.
             self.store.add_rows(bid, rows)
         if messages:
             self.publish(messages)
+
+    def _staged(self, outcome: RowOutcome, batch_id: str) -> RowOutcome:
+        """The row with its local files staged, or refused for a file that cannot be."""
+        if outcome.spec is None or self.stage is None:
+            return outcome
+        try:
+            return replace(outcome, spec=self.stage(outcome.spec, batch_id))
+        except Unstageable as exc:
+            error = FieldError(outcome.line, exc.column, exc.error.code, exc.error.message)
+            return replace(outcome, spec=None, errors=(error,))

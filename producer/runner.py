@@ -129,7 +129,7 @@ def submit_manifest(
     on_row: Callable[[RowOutcome], None] | None = None,
 ) -> SubmitReport:
     root = output_root(output)
-    stage = Stager(Storage(settings), root) if needs_staging(root) else None
+    stage = Stager(Storage(settings), root, settings) if needs_staging(root) else None
     submitter = Submitter(store, bulk_publisher(app), provider_cache(settings), stage)
     options = SubmitOptions(
         batch_id=batch_id or new_batch_id(),

@@ -20,10 +20,12 @@ from servers.files import FileServer
 from servers.s3 import moto_s3, use_dummy_aws_env
 from worker.errors import (
     Codes,
+    ImageRejected,
     ProviderAccountError,
     ProviderRejected,
     ProviderUnavailable,
     RowCanceled,
+    SourceRejected,
 )
 from worker.fetch import SourceFetcher
 from worker.jobs import ColorPalette, Job, JobSpec, PaletteMember
@@ -205,6 +207,19 @@ def test_local_data_and_s3_inputs_go_through_fal_storage(
     assert {u.content_type for u in fake.uploads} == {"image/png"}
 
 
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_a_source_that_is_not_an_image_is_neither_uploaded_nor_passed_on(
+    fake: FakeFal, files: FileServer, tmp_path: Path, where: str
+) -> None:
+    local = tmp_path / "shadow.png"
+    local.write_bytes(b"root:$6$salt$hash:19000:0:99999:7:::\n")
+    refs = {"local": str(local), "url": files.add("/x.png", b"not an image", "image/png")}
+    with pytest.raises(ImageRejected) as info:
+        Runner(settings_for(fake), spec(refs[where])).run()
+    assert info.value.code == Codes.IMAGE_UNREADABLE
+    assert fake.uploads == [] and fake.submit_count() == 0
+
+
 def test_headers_from_settings(fake: FakeFal, seed_url: str) -> None:
     Runner(
         settings_for(fake, fal_start_timeout_s=120, fal_queue_priority="low"), spec(seed_url)
@@ -260,10 +275,15 @@ def test_model_errors_fail_the_row_with_their_type(
     assert fake.submit_count() == 1
 
 
-def test_an_unreachable_image_url_is_a_download_error(fake: FakeFal, files: FileServer) -> None:
-    with pytest.raises(ProviderRejected) as info:
+def test_an_unreachable_image_url_fails_before_fal_is_asked(
+    fake: FakeFal, files: FileServer
+) -> None:
+    """Every source is fetched and checked before it is passed on (fal's own
+    file_download_error is still mapped: test_model_errors_fail_the_row_with_their_type)."""
+    with pytest.raises(SourceRejected) as info:
         Runner(settings_for(fake), spec(files.url("/missing.png"))).run()
-    assert info.value.code == "provider.file_download_error"
+    assert info.value.code == "source.not_found"
+    assert fake.submit_count() == 0
 
 
 def test_validation_422_is_permanent(fake: FakeFal, seed_url: str) -> None:

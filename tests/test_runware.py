@@ -20,6 +20,7 @@ from servers.s3 import moto_s3, use_dummy_aws_env
 from worker.errors import (
     BgswapError,
     Codes,
+    ImageRejected,
     ProviderAccountError,
     ProviderRejected,
     ProviderUnavailable,
@@ -260,6 +261,24 @@ def test_local_and_data_uri_inputs(fake: FakeRunware, tmp_path: Path) -> None:
     assert upload["image"].startswith("data:image/png;base64,")
     assert task["inputs"]["seedImage"] == uploaded
     assert task["providerSettings"]["ideogram"]["styleReferenceImages"] == [data_uri, uploaded]
+
+
+@pytest.mark.parametrize("where", ["local", "url", "data"])
+def test_a_source_that_is_not_an_image_is_neither_uploaded_nor_passed_on(
+    fake: FakeRunware, files: FileServer, tmp_path: Path, where: str
+) -> None:
+    secret = b"AWS_SECRET_ACCESS_KEY=abc\nRUNWARE_API_KEY=def\n"
+    local = tmp_path / "environ.png"
+    local.write_bytes(secret)
+    refs = {
+        "local": str(local),
+        "url": files.add("/page.png", b"<html>a login page</html>", "text/html"),
+        "data": "data:image/png;base64," + base64.b64encode(secret).decode(),
+    }
+    with pytest.raises(ImageRejected) as info:
+        Runner(settings_for(fake), spec(refs[where]), str(tmp_path / "o")).run()
+    assert info.value.code == Codes.IMAGE_UNREADABLE and "image:" in info.value.message
+    assert fake.requests == []  # Runware got nothing: no upload, no task
 
 
 def test_s3_input_is_uploaded_by_uuid(

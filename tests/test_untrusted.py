@@ -13,10 +13,16 @@ from typing import Any
 
 import pytest
 
-from producer.batch import check_batch_id
+from producer.batch import SubmitOptions, Submitter, check_batch_id
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.staging import Stager, Unstageable
+from servers.s3 import moto_s3
 from worker.errors import Codes, UsageError
+from worker.providers.local import LocalProvider
 from worker.report import spreadsheet_safe, write_csv, write_jsonl
+from worker.settings import Settings
+from worker.state import BatchStore
+from worker.storage import Storage
 
 URL = "https://cdn.example.com/a.jpg"
 
@@ -299,3 +305,116 @@ def test_reading_a_huge_field_holds_no_more_than_the_cap(tmp_path: Path) -> None
     tracemalloc.stop()
     assert [codes(o) for o in outcomes] == [[], [Codes.FIELD_TOO_LARGE], []]
     assert peak < 8 << 20, peak  # the 1 MB cap, a couple of times over, never the 64 MB
+
+
+# -- every source is an image before it goes anywhere ------------------------------------
+
+
+def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
+    from examples.make_examples import product_shot
+
+    buf = io.BytesIO()
+    product_shot("box", size, (240, 240, 240), 1).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge image (a compressed flat colour)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 240).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return declared_png(7999, 7999)
+
+
+def test_a_file_that_is_not_an_image_is_never_staged(
+    tmp_path: Path, redis_client: Any, redis_url: str
+) -> None:
+    (tmp_path / "real.png").write_bytes(png_bytes())
+    (tmp_path / "environ.png").write_bytes(b"RUNWARE_API_KEY=secret\nFAL_KEY=also-secret\n")
+    with moto_s3() as s3:
+        settings = Settings(s3_endpoint_url=s3.endpoint_url)
+        stage = Stager(Storage(settings), "s3://bgswap-test/out", settings)
+        d = RowDefaults(base_dir=tmp_path, destination_root="s3://bgswap-test/out/st1")
+        data = b"id,image,prompt\na,real.png,p\nb,environ.png,p\n"
+        store = BatchStore.from_url(redis_url)
+        submitter = Submitter(store, lambda msgs: None, lambda name: LocalProvider(), stage)
+        options = SubmitOptions(batch_id="st1", output="s3://bgswap-test/out", defaults=d)
+        report = submitter.submit(read_manifest(io.BytesIO(data), "csv", d), options)
+        listed = s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+    assert (report.valid, report.rejected) == (1, 1)
+    assert report.errors[0].code == Codes.IMAGE_UNREADABLE and report.errors[0].column == "image"
+    assert [o["Key"] for o in listed] == ["out/st1/_sources/a-image.png"]  # nothing else left
+    record = json.loads(store.job("st1", 1) or "{}")
+    assert record["rejected"] and "secret" not in json.dumps(record)
+
+
+def test_staging_reads_no_more_than_the_byte_cap(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from worker.jobs import JobSpec
+
+    big = tmp_path / "big.png"
+    with big.open("wb") as fh:
+        fh.truncate(600 << 20)  # 600 MB, sparse
+    settings = Settings()
+    stage = Stager(Storage(settings), "s3://nowhere/out", settings)
+    spec = JobSpec(id="a", image=str(big), prompt="p", provider="local")
+    tracemalloc.start()
+    with pytest.raises(Unstageable) as info:
+        stage(spec, "b1")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert info.value.error.code == Codes.SOURCE_TOO_LARGE
+    assert peak < 1 << 20  # refused from its size, not read
+
+
+def test_a_declared_huge_image_is_refused_before_its_pixels_are_allocated(bomb: bytes) -> None:
+    import tracemalloc
+
+    from worker.errors import ImageRejected
+    from worker.imaging import check_image, decode_image
+
+    assert len(bomb) < 300_000
+    tracemalloc.start()
+    for attempt in (lambda: decode_image(bomb, 64_000_000, 256 << 20),
+                    lambda: check_image(bomb, 64_000_000, 256 << 20)):  # fmt: skip
+        with pytest.raises(ImageRejected) as info:
+            attempt()
+        assert info.value.code == Codes.IMAGE_TOO_LARGE
+        assert "BGSWAP_MAX_IMAGE_MEMORY_MB" in info.value.message
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20  # a 64 MP decode would be 64 MB at the very least
+
+
+def test_a_large_jpeg_is_checked_at_a_fraction_of_its_memory() -> None:
+    import tracemalloc
+
+    from PIL import Image
+
+    from worker.imaging import check_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (200, 100, 50)).save(buf, "JPEG", quality=50)
+    tracemalloc.start()
+    info = check_image(buf.getvalue(), 64_000_000, 64 << 20)  # a 24 MP decode: 72 MB
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (info.format, info.width, info.height) == ("JPEG", 6000, 4000)
+    assert peak < 8 << 20
+
+
+def test_the_default_image_budget_follows_the_pixel_cap_and_the_machine() -> None:
+    from worker.settings import default_memory_budget
+
+    mb = 1 << 20
+    assert default_memory_budget(1_000_000) == 16_000_000  # the pixel cap's decode, no more
+    budget = default_memory_budget(64_000_000)
+    assert 256 * mb <= budget <= 64_000_000 * 16
+    assert Settings(max_image_memory_mb=100).image_memory_budget == 100 * mb

@@ -12,6 +12,7 @@ catalogue needs and all of which widen what hostile input can reach.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -30,19 +31,70 @@ JPEG_FULL_CHROMA_QUALITY = 90
 _WHITE = (255, 255, 255)
 
 
+# What decoding costs per pixel: the decoder's buffer (up to 8 bytes for 16-bit RGBA)
+# and the normalised 8-bit copy. A provider that works on the pixels says its own cost.
+DECODE_BYTES_PER_PIXEL = 12
+_MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+def check_image(data: bytes, max_pixels: int, budget: int | None = None) -> ImageInfo:
+    """Is this an image bgswap may work on? Its header names a supported format and a
+    size within ``max_pixels``, decoding fits ``budget`` bytes, and it does decode: JPEGs
+    at an eighth of each side (their decoder can, at a sixty-fourth of the memory),
+    other formats whole. Raises ``ImageRejected`` like ``decode_image``."""
+    img = _open(data, max_pixels)
+    width, height = img.size
+    fmt = str(img.format)
+    if fmt == "JPEG":
+        img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+    else:
+        _check_budget(img.size, budget, DECODE_BYTES_PER_PIXEL)
+    try:
+        _load(img, max_pixels)
+    finally:
+        img.close()
+    return ImageInfo(fmt, width, height)
+
+
+def _check_budget(size: tuple[int, int], budget: int | None, bytes_per_pixel: int) -> None:
+    width, height = size
+    needed = width * height * bytes_per_pixel
+    if budget is not None and needed > budget:
+        raise ImageRejected(
+            Codes.IMAGE_TOO_LARGE,
+            f"the image has {width}x{height} pixels: working on it takes about "
+            f"{needed // _MB} MB, over the {budget // _MB} MB one image may take "
+            "(BGSWAP_MAX_IMAGE_MEMORY_MB)",
+        )
+
+
 def _accepted_formats() -> list[str]:
     Image.init()
     return [name for name in _WANTED_FORMATS if name in Image.OPEN]
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    budget: int | None = None,
+    bytes_per_pixel: int = DECODE_BYTES_PER_PIXEL,
+) -> Image.Image:
     """Decode untrusted bytes into an 8-bit sRGB ``RGB`` or ``RGBA`` image, upright.
 
     An alpha channel that is fully opaque is dropped, so ``RGBA`` means real transparency.
-    Raises ``ImageRejected`` with ``image.too_large`` (more than ``max_pixels`` pixels,
-    decompression bombs), ``image.truncated`` or ``image.unreadable``.
+    Raises ``ImageRejected`` with ``image.too_large`` (more than ``max_pixels`` pixels, a
+    decompression bomb, or more than ``budget`` bytes at ``bytes_per_pixel``: checked from
+    the header, before a pixel is allocated), ``image.truncated`` or ``image.unreadable``.
     """
     img = _open(data, max_pixels)
+    _check_budget(img.size, budget, bytes_per_pixel)
     _load(img, max_pixels)
     try:
         return _normalise(img)

@@ -74,9 +74,11 @@ class Deps:
     # The rows held by this process's engine (worker/engine.py sets it); None: no engine.
     local: LocalRows | None = None
     flags: BatchFlags = field(init=False)
+    image_budget: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.flags = BatchFlags(self.store)
+        self.image_budget = self.settings.image_memory_budget  # reads /sys once
 
     # A provider's global limits (worker/limits.py), None for free providers.
     limits: Callable[[str], ProviderLimits | None] = lambda name: None
@@ -218,6 +220,7 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
     ctx = ProviderContext(
         fetch=deps.fetch,
         max_image_pixels=deps.settings.max_image_pixels,
+        image_budget=deps.image_budget,
         memory=RowMemory(deps.store, hold, deps.local),
         storage=deps.storage,
         canceled=lambda: deps.flags.canceled(job.batch_id),

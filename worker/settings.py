@@ -22,6 +22,25 @@ from worker.errors import UsageError
 from worker.ratelimit import parse_rate
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+_MB = 1 << 20
+
+
+def default_memory_budget(max_pixels: int) -> int:
+    """Bytes one image may take while it is worked on, when not configured: enough for
+    the pixel cap's decode (16 bytes a pixel), within an eighth of this machine's (or its
+    container's) memory per core, and never under 256 MB."""
+    per_core = _memory_bytes() // (8 * max(1, os.cpu_count() or 1))
+    return int(min(max_pixels * 16, max(256 * _MB, per_core)))
+
+
+def _memory_bytes() -> int:
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            return int(text)
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Settings(BaseSettings):
@@ -94,6 +113,9 @@ class Settings(BaseSettings):
     max_redirects: int = Field(default=5, ge=0)
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: int = Field(default=64_000_000, gt=0)
+    # Memory one image may take while it is decoded and worked on; unset: derived from
+    # the pixel cap and this machine's memory per core (worker/imaging.py).
+    max_image_memory_mb: int | None = Field(default=None, ge=16)
 
     upload_timeout_s: float = Field(default=60.0, gt=0)
     presign_expires_s: int = Field(default=900, ge=60, le=604_800)
@@ -126,6 +148,13 @@ class Settings(BaseSettings):
             ):
                 raise ValueError(f"{prefix.strip()!r} is not an s3://bucket/prefix")
         return value
+
+    @property
+    def image_memory_budget(self) -> int:
+        """Bytes one image may take (BGSWAP_MAX_IMAGE_MEMORY_MB, or the derived default)."""
+        if self.max_image_memory_mb is not None:
+            return self.max_image_memory_mb << 20
+        return default_memory_budget(self.max_image_pixels)
 
     @property
     def local_root_list(self) -> list[Path]:

@@ -82,6 +82,8 @@ class ProviderContext:
     fetch: Fetcher
     max_image_pixels: int
     memory: Memory = field(default_factory=DictMemory)
+    # Bytes one image may take while it is worked on (None: no limit besides the pixels).
+    image_budget: int | None = None
     storage: Storage | None = None
     sleep: Callable[[float], None] = time.sleep
     canceled: Callable[[], bool] = lambda: False

@@ -10,6 +10,7 @@ its own way (Runware can ask about its client-chosen task id; fal cannot).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from worker.errors import BgswapError, Codes, ProviderUnavailable
+from worker.errors import BgswapError, Codes, ImageRejected, ProviderUnavailable
 from worker.fetch import reference_scheme
+from worker.imaging import check_image
 from worker.providers.base import Memory, ProviderContext
 
 
@@ -74,14 +76,29 @@ def reference_for_provider(
     passthrough: frozenset[str] = frozenset({"http", "https"}),
 ) -> str:
     """A reference the provider can read itself: URLs as given; anything else (a local
-    file, s3://, ...) fetched and uploaded once, the upload remembered across attempts."""
-    if reference_scheme(ref) in passthrough:
-        return ref
+    file, s3://, ...) uploaded. Either way the source is first fetched (within the byte
+    cap) and checked to be an image within the caps: nothing else is uploaded to the
+    provider or passed on to it. Done once per row: the uploads and the checks are
+    remembered across attempts (a passed-on URL by a digest, never the URL itself)."""
+    passed_on = reference_scheme(ref) in passthrough
     uploads: dict[str, str] = memory.setdefault("uploads", {})
-    if ref not in uploads:
-        uploads[ref] = upload(ctx.fetch(ref, field))
-        ctx.memory.save(memory)
-    return uploads[ref]
+    checked: list[str] = memory.setdefault("checked", [])
+    digest = hashlib.sha256(ref.encode()).hexdigest()[:16]
+    if passed_on and digest in checked:
+        return ref
+    if not passed_on and ref in uploads:
+        return uploads[ref]
+    data = ctx.fetch(ref, field)
+    try:
+        check_image(data, ctx.max_image_pixels, ctx.image_budget)
+    except ImageRejected as exc:
+        raise ImageRejected(exc.code, f"{field}: {exc.message}") from exc
+    if passed_on:
+        checked.append(digest)
+    else:
+        uploads[ref] = upload(data)
+    ctx.memory.save(memory)
+    return ref if passed_on else uploads[ref]
 
 
 def image_info(data: bytes) -> tuple[str | None, int | None, int | None]:

@@ -557,7 +557,7 @@ class FalProvider:
         wanted = spec.output_format
         if wanted and FORMATS.get(fmt or "") != wanted:
             # fal picks its own format; the row asked for another: convert here.
-            decoded = decode_image(data, ctx.max_image_pixels)
+            decoded = decode_image(data, ctx.max_image_pixels, ctx.image_budget)
             data = encode_image(decoded, wanted, spec.output_quality or 95)
         final = wanted or FORMATS.get(fmt or "", "PNG")
         return OutputImage(data, CONTENT_TYPES[final], EXTENSIONS[final], width, height, seed)

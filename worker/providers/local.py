@@ -645,9 +645,14 @@ def _background_of(job: Job) -> Background:
         ) from exc
 
 
-def _decode_background(data: bytes, max_pixels: int) -> Image.Image:
+# Peak bytes per pixel of replace_background, measured on 4-64 MP images: 23-31 (the
+# float mattes, the cut-out, the canvas and the encoded copy all at once).
+WORK_BYTES_PER_PIXEL = 32
+
+
+def _decode_background(data: bytes, ctx: ProviderContext) -> Image.Image:
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, ctx.max_image_pixels, ctx.image_budget)  # only resized
     except ImageRejected as exc:
         raise ImageRejected(exc.code, f"background: {exc.message}") from exc
 
@@ -670,8 +675,8 @@ class LocalProvider:
         raw_bg = ctx.fetch(background.image, "background") if background.image else None
         fmt: OutputFormatName = spec.output_format or DEFAULT_OUTPUT_FORMAT
         quality = spec.output_quality or DEFAULT_QUALITY
-        image = decode_image(source, ctx.max_image_pixels)
-        bg_image = _decode_background(raw_bg, ctx.max_image_pixels) if raw_bg else None
+        image = decode_image(source, ctx.max_image_pixels, ctx.image_budget, WORK_BYTES_PER_PIXEL)
+        bg_image = _decode_background(raw_bg, ctx) if raw_bg else None
         shadow = DEFAULT_SHADOW if spec.shadow is None else spec.shadow
         result = replace_background(image, background, bg_image, shadow=shadow)
         data = encode_image(result, fmt, quality)
