@@ -12,6 +12,7 @@ BENCHMARKS = (
     "bench.overhead",
     "bench.memory",
     "bench.paid_once",
+    "bench.image_memory",
 )
 
 

@@ -193,6 +193,7 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
     ):
         defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
         _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
+        runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
         outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
         yield Prepared(manifest, defaults, outcomes, batch_id)
@@ -274,6 +275,10 @@ def _wait(store: BatchStore, batch_id: str) -> dict[str, str]:
 
 
 def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
+    if meta.get("status") == "failed":
+        err.print(f"[red]batch {batch_id} failed:[/red] {meta.get('error')}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+        return 1
     counts = store.counts(batch_id)
     total = int(meta.get("total", 0))
     out_dir = f"{meta['output'].rstrip('/')}/{batch_id}"
@@ -422,7 +427,7 @@ def status(
         active = counts["running"] + counts["queued"]
         queue = runner.provider_queue(store, batch) if active else None
         err.print(_status_table(batch, meta, counts, queue))
-        if not watch or meta.get("status") == "done":
+        if not watch or meta.get("status") in ("done", "failed"):
             return
         time.sleep(2)
 

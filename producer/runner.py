@@ -10,8 +10,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+
+import boto3
 
 from producer.batch import (
     SubmitOptions,
@@ -30,7 +33,7 @@ from producer.manifest import (
 from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
 from producer.staging import Stager, needs_staging
-from worker.errors import BgswapError, ManifestUnreadable
+from worker.errors import BgswapError, ManifestUnreadable, UsageError, redact_url
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
 from worker.providers import available, get_provider
 from worker.providers.base import Provider
@@ -99,7 +102,30 @@ def row_defaults(
         output_prefixes=(*prefixes, *settings.output_prefix_list),
         destination_root=f"{root}/{batch_id}",
         max_field_bytes=settings.max_field_bytes,
+        s3_credentials=aws_credentials_available,
     )
+
+
+@cache
+def aws_credentials_available() -> bool:
+    """Does boto3's chain find credentials here? Asked once, and only when a row names
+    s3:// (the chain may ask an instance's metadata service)."""
+    return boto3.session.Session().get_credentials() is not None
+
+
+def probe_destinations(settings: Settings, root: str, batch_id: str) -> None:
+    """Write and delete a small object where this batch will write (its folder under
+    --output, and every BGSWAP_OUTPUT_PREFIXES entry): a destination that refuses fails
+    the command now, naming it and why, before anything is enqueued."""
+    storage = Storage(settings)
+    try:
+        for dest in (f"{root}/{batch_id}", *settings.output_prefix_list):
+            try:
+                storage.probe(dest)
+            except BgswapError as exc:
+                raise UsageError(f"cannot write to {redact_url(dest)}: {exc.message}") from None
+    finally:
+        storage.close()
 
 
 def provider_cache(settings: Settings) -> Callable[[str], Provider]:
@@ -193,7 +219,7 @@ def wait_for_batch(
     while True:
         meta = store.meta(batch_id)
         on_progress(store.counts(batch_id), int(meta.get("total", 0)))
-        if meta.get("status") == "done":
+        if meta.get("status") in ("done", "failed"):
             return meta
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"batch {batch_id} not done after {timeout_s:.0f}s")

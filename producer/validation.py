@@ -83,6 +83,8 @@ class RowDefaults:
     destination_root: str = ""
     # The largest manifest field (and line) the reader takes.
     max_field_bytes: int = 1 << 20
+    # Whether AWS credentials are at hand for s3:// references (asked once, when needed).
+    s3_credentials: Callable[[], bool] = field(default=lambda: True, compare=False)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -246,7 +248,7 @@ def _http_url(text: str, defaults: RowDefaults) -> str:
     return text
 
 
-def _s3_url(text: str) -> str:
+def _s3_url(text: str, defaults: RowDefaults) -> str:
     bucket, _, key = text[5:].partition("/")
     if not _BUCKET.fullmatch(bucket):
         raise InvalidField(Codes.INVALID_URL, f"{text!r} has no valid bucket: use s3://bucket/key")
@@ -254,6 +256,12 @@ def _s3_url(text: str) -> str:
         raise InvalidField(Codes.INVALID_URL, f"{text!r} has no key: use s3://bucket/key")
     if key.endswith("/"):
         raise InvalidField(Codes.INVALID_URL, f"{text!r} names a folder, not an object")
+    if not defaults.s3_credentials():
+        raise InvalidField(
+            Codes.NO_CREDENTIALS,
+            f"{text[:200]!r}: no AWS credentials on this machine to reach s3:// with "
+            "(boto3 looks in the environment, ~/.aws and the instance's role)",
+        )
     return text
 
 
@@ -307,7 +315,7 @@ def parse_image_ref(value: object, defaults: RowDefaults) -> str:
         if name in ("http", "https"):
             return _http_url(text, defaults)
         if name == "s3":
-            return _s3_url(text)
+            return _s3_url(text, defaults)
         raise InvalidField(Codes.INVALID_URL, f"unsupported scheme {name}://: use an {_REF_KINDS}")
     if text[:5].lower() == "data:":
         return _data_uri(text)
@@ -357,7 +365,7 @@ def parse_output(value: object, defaults: RowDefaults) -> str:
             Codes.INVALID_URL,
             f"{redact_url(text)!r} is not a presigned http(s):// URL or s3://bucket/key",
         )
-    _s3_url(text)
+    _s3_url(text, defaults)
     segments = text[5:].split("/")[1:]
     if any(part in ("", ".", "..") for part in segments):
         raise InvalidField(

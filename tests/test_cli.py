@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,65 @@ def test_retry_reenqueues_failed_rows(
 
 def manifest(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+# -- fail fast on destinations and credentials -------------------------------------------
+
+
+def without_aws() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BGSWAP_", "AWS_"))}
+    return {**env, "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}  # fmt: skip
+
+
+@pytest.mark.parametrize("output", ["/dev/null/out", "/proc/bgswap-out"])
+def test_an_output_that_cannot_be_written_exits_2_before_anything_starts(
+    shots: Path, output: str
+) -> None:
+    (shots / "good.csv").write_text(GOOD)
+    done = bgswap("run", "good.csv", "--output", output, "--batch-id", "p1", cwd=shots)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"cannot write to {output}/p1" in line, line
+    assert "enqueued" not in done.stderr
+
+
+def test_an_s3_output_that_refuses_exits_2_naming_the_s3_error(
+    shots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from servers.s3 import moto_s3
+
+    (shots / "good.csv").write_text(GOOD)
+    with moto_s3() as s3:
+        env = {"BGSWAP_S3_ENDPOINT_URL": s3.endpoint_url}
+        done = bgswap("submit", "good.csv", "--output", "s3://no-such-bucket/x", cwd=shots,
+                      env={**env, "BGSWAP_BROKER_URL": "redis://127.0.0.1:1/0"})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "cannot write to s3://no-such-bucket/x/" in done.stderr
+    assert "NoSuchBucket" in done.stderr
+
+
+def test_s3_rows_without_credentials_are_refused_clearly_at_validation(shots: Path) -> None:
+    (shots / "m.csv").write_text("id,image,prompt\na,box.png,p\nb,s3://catalog/raw/b.png,p\n")
+    done = subprocess.run(
+        [BGSWAP, "validate", "m.csv"], cwd=shots, env=without_aws(), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "line 3, column 'image'" in done.stderr and "input.no_credentials" in done.stderr
+    assert "2 rows: 1 valid, 1 rejected" in done.stderr
+
+
+def test_an_output_manifest_that_cannot_be_written_fails_the_batch_in_seconds(
+    shots: Path,
+) -> None:
+    (shots / "good.csv").write_text(GOOD)
+    (shots / "out" / "m1" / "manifest.jsonl").mkdir(parents=True)  # the probe passes, this not
+    started = time.monotonic()
+    done = bgswap("run", "good.csv", "--output", "out", "--batch-id", "m1", cwd=shots)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 60
+    last = done.stderr.strip().splitlines()[-1]
+    assert "batch m1 failed: the output manifest could not be written" in last, done.stderr
+    assert sorted(p.name for p in (shots / "out" / "m1").iterdir()) == ["a.jpg", "b.jpg",
+                                                                        "manifest.jsonl"]  # fmt: skip

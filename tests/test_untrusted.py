@@ -346,7 +346,8 @@ def test_a_file_that_is_not_an_image_is_never_staged(
         submitter = Submitter(store, lambda msgs: None, lambda name: LocalProvider(), stage)
         options = SubmitOptions(batch_id="st1", output="s3://bgswap-test/out", defaults=d)
         report = submitter.submit(read_manifest(io.BytesIO(data), "csv", d), options)
-        listed = s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+        # moto keeps its buckets for the whole test process: look at this batch only
+        listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="out/st1/").get("Contents", [])
     assert (report.valid, report.rejected) == (1, 1)
     assert report.errors[0].code == Codes.IMAGE_UNREADABLE and report.errors[0].column == "image"
     assert [o["Key"] for o in listed] == ["out/st1/_sources/a-image.png"]  # nothing else left
@@ -418,3 +419,20 @@ def test_the_default_image_budget_follows_the_pixel_cap_and_the_machine() -> Non
     budget = default_memory_budget(64_000_000)
     assert 256 * mb <= budget <= 64_000_000 * 16
     assert Settings(max_image_memory_mb=100).image_memory_budget == 100 * mb
+
+
+def test_s3_without_credentials_fails_once_and_clearly_in_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.errors import SourceRejected, StorageRejected
+    from worker.fetch import SourceFetcher
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9")  # never reached: no signature
+    with pytest.raises(SourceRejected) as source:
+        SourceFetcher(settings)("s3://catalog/raw/a.png", "image")
+    assert source.value.code == Codes.SOURCE_NO_CREDENTIALS and not source.value.retryable
+    with pytest.raises(StorageRejected) as storage:
+        Storage(settings, upload_attempts=1).put("s3://catalog/out/a.png", b"x", "image/png")
+    assert storage.value.code == Codes.STORAGE_NO_CREDENTIALS and not storage.value.retryable

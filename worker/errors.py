@@ -158,6 +158,7 @@ class Codes:
     UNTERMINATED_QUOTE = "input.unterminated_quote"
     PRIVATE_ADDRESS = "input.private_address"
     PROVIDER_UNAVAILABLE = "input.provider_unavailable"
+    NO_CREDENTIALS = "input.no_credentials"
 
     SOURCE_NOT_FOUND = "source.not_found"
     SOURCE_HTTP_ERROR = "source.http_error"
@@ -165,6 +166,7 @@ class Codes:
     SOURCE_TOO_LARGE = "source.too_large"
     SOURCE_PRIVATE_ADDRESS = "source.private_address"
     SOURCE_TOO_MANY_REDIRECTS = "source.too_many_redirects"
+    SOURCE_NO_CREDENTIALS = "source.no_credentials"
 
     IMAGE_UNREADABLE = "image.unreadable"
     IMAGE_TRUNCATED = "image.truncated"
@@ -174,6 +176,7 @@ class Codes:
     STORAGE_UNAVAILABLE = "storage.unavailable"
     STORAGE_PRIVATE_ADDRESS = "storage.private_address"
     STORAGE_URL_EXPIRED = "storage.url_expired"
+    STORAGE_NO_CREDENTIALS = "storage.no_credentials"
 
     PROVIDER_AUTH = "provider.auth_failed"
     PROVIDER_CREDITS = "provider.insufficient_credits"

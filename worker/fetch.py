@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import httpx
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from worker.errors import BgswapError, Codes, SourceRejected, SourceUnavailable, redact_url
 from worker.netguard import PrivateAddressRefused, guarded_http_client
@@ -285,6 +285,13 @@ class SourceFetcher:
                 body.close()
         except ClientError as exc:
             raise s3_source_error(exc, where) from exc
+        except NoCredentialsError as exc:
+            # Not a fault that passes: fail once, clearly, rather than retry it.
+            raise SourceRejected(
+                Codes.SOURCE_NO_CREDENTIALS,
+                f"{where}: no AWS credentials to read it with (boto3 looks in the environment, "
+                "~/.aws and the instance's role)",
+            ) from exc
         except BotoCoreError as exc:
             raise SourceUnavailable(
                 Codes.SOURCE_UNAVAILABLE, f"{where}: {type(exc).__name__} while fetching"

@@ -458,6 +458,14 @@ def manifest_destination(output_root: str, batch_id: str) -> str:
     return f"{output_root.rstrip('/')}/{batch_id}/{MANIFEST_NAME}"
 
 
+def fail_batch(batch_id: str, deps: Deps, reason: str) -> None:
+    """The batch cannot end well (its output manifest cannot be written): it ends
+    ``failed`` with the reason, so that nobody waits for it for ever."""
+    deps.store.set_meta(batch_id, status="failed", error=reason, finished_at=deps.now())
+    deps.store.retire(batch_id)
+    log.error("batch %s failed: %s", batch_id, reason)
+
+
 def finalize(batch_id: str, deps: Deps) -> str | None:
     """Write the batch's output manifest (idempotent); returns where it went."""
     meta = deps.store.meta(batch_id)

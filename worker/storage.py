@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from worker.errors import (
     BgswapError,
@@ -264,6 +264,26 @@ class Storage:
         """
         return self._store(dest, _Body(size=path.stat().st_size, path=path), content_type)
 
+    def probe(self, root: str) -> None:
+        """Write a small object under ``root`` (an s3:// prefix or a folder), then delete
+        it: a destination that refuses it fails here, before any row is enqueued."""
+        dest = f"{root.rstrip('/')}/.bgswap-probe-{uuid.uuid4().hex}"
+        self.put(dest, b"bgswap can write here\n", "text/plain")
+        self.delete(dest)
+
+    def delete(self, dest: str) -> None:
+        """Remove an object bgswap wrote (a probe); a missing one is no error."""
+        if reference_scheme(dest) == "s3":
+            bucket, key = _s3_parts(dest)
+            try:
+                self._s3.delete_object(Bucket=bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageUnavailable(
+                    Codes.STORAGE_UNAVAILABLE, f"s3://{bucket}/{key}: cannot delete"
+                ) from exc
+            return
+        Path(dest).unlink(missing_ok=True)
+
     def head(self, dest: str) -> int | None:
         """Size of an existing object, None if missing (or unknowable: a presigned URL
         grants PUT only, so it cannot be asked)."""
@@ -304,6 +324,13 @@ class Storage:
             return self._s3.generate_presigned_url(
                 "put_object", Params=params, ExpiresIn=self._settings.presign_expires_s
             )
+        except NoCredentialsError as exc:
+            # Permanent until the operator acts: no retry would find credentials.
+            raise StorageRejected(
+                Codes.STORAGE_NO_CREDENTIALS,
+                f"s3://{bucket}/{key}: no AWS credentials to sign the upload with (boto3 "
+                "looks in the environment, ~/.aws and the instance's role)",
+            ) from exc
         except BotoCoreError as exc:
             # Typically credentials not (yet) available, e.g. instance metadata lagging.
             raise StorageUnavailable(

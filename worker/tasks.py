@@ -8,9 +8,9 @@ from celery.signals import worker_process_shutdown, worker_ready, worker_shutdow
 from kombu.exceptions import ChannelError
 
 from worker.celery_app import QUEUE, app
-from worker.errors import RetryableError
+from worker.errors import BgswapError
 from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
-from worker.pipeline import finalize
+from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.watchdog import Watchdog
 
@@ -27,12 +27,21 @@ def process_row(batch_id: str, index: int) -> None:
         republish(batch_id, index)
 
 
+# A manifest that cannot be written after this many tries fails its batch (the storage
+# retried each try a few times already): nobody waits on it for more than seconds.
+FINALIZE_RETRIES = 3
+
+
 @app.task(name=TASK_FINALIZE_BATCH, bind=True)  # type: ignore[untyped-decorator]
 def finalize_batch(self: Any, batch_id: str) -> None:
+    deps = get_deps()
     try:
-        finalize(batch_id, get_deps())
-    except RetryableError as err:
-        raise self.retry(countdown=err.retry_after_s or 5.0, max_retries=10) from err
+        finalize(batch_id, deps)
+    except BgswapError as err:
+        if err.retryable and self.request.retries < FINALIZE_RETRIES:
+            countdown = min(30.0, err.retry_after_s or 2.0 ** (self.request.retries + 1))
+            raise self.retry(countdown=countdown, max_retries=FINALIZE_RETRIES) from err
+        fail_batch(batch_id, deps, f"the output manifest could not be written: {err.message}")
 
 
 def enqueue_finalize(batch_id: str) -> None:
