@@ -29,7 +29,7 @@ from rich.table import Table
 from producer import runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
-from worker.errors import ManifestUnreadable, RowCanceled, UsageError
+from worker.errors import ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
 from worker.settings import Settings, load_settings
@@ -75,6 +75,9 @@ def main() -> None:
     except BatchNotFound as exc:
         err.print(f"[red]error:[/red] no batch {exc}", highlight=False)
         sys.exit(2)
+    except Unreachable as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(3)
 
 
 def _settings() -> Settings:

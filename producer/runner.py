@@ -33,7 +33,7 @@ from producer.manifest import (
 from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
 from producer.staging import Stager, needs_staging
-from worker.errors import BgswapError, ManifestUnreadable, UsageError, redact_url
+from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError, redact_url
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
 from worker.providers import available, get_provider
 from worker.providers.base import Provider
@@ -116,14 +116,16 @@ def aws_credentials_available() -> bool:
 def probe_destinations(settings: Settings, root: str, batch_id: str) -> None:
     """Write and delete a small object where this batch will write (its folder under
     --output, and every BGSWAP_OUTPUT_PREFIXES entry): a destination that refuses fails
-    the command now, naming it and why, before anything is enqueued."""
+    the command now (exit 2), one that does not answer too (exit 3), naming it and why,
+    before anything is enqueued."""
     storage = Storage(settings)
     try:
         for dest in (f"{root}/{batch_id}", *settings.output_prefix_list):
             try:
                 storage.probe(dest)
             except BgswapError as exc:
-                raise UsageError(f"cannot write to {redact_url(dest)}: {exc.message}") from None
+                message = f"cannot write to {redact_url(dest)}: {exc.message}"
+                raise (Unreachable if exc.retryable else UsageError)(message) from None
     finally:
         storage.close()
 

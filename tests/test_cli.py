@@ -305,3 +305,13 @@ def test_an_output_manifest_that_cannot_be_written_fails_the_batch_in_seconds(
     assert "batch m1 failed: the output manifest could not be written" in last, done.stderr
     assert sorted(p.name for p in (shots / "out" / "m1").iterdir()) == ["a.jpg", "b.jpg",
                                                                         "manifest.jsonl"]  # fmt: skip
+
+
+def test_an_s3_output_that_does_not_answer_exits_3(shots: Path) -> None:
+    from conftest import free_port
+
+    (shots / "good.csv").write_text(GOOD)
+    env = {"BGSWAP_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens
+    done = bgswap("run", "good.csv", "--output", "s3://bucket/x", cwd=shots, env=env)
+    assert done.returncode == 3, done.stderr
+    assert "cannot write to s3://bucket/x/" in done.stderr

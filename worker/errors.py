@@ -131,6 +131,10 @@ class UsageError(Exception):
     """Bad command-line usage or configuration: exit 2."""
 
 
+class Unreachable(Exception):
+    """Infrastructure that does not answer (broker, Redis, storage): exit 3."""
+
+
 # Stable codes used outside a single module; the README lists them all.
 class Codes:
     MISSING_FIELD = "input.missing_field"
