@@ -20,7 +20,7 @@ import socket
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from string import Formatter
 from typing import Any, TypeVar
@@ -86,9 +86,10 @@ class RowDefaults:
     # Whether AWS credentials are at hand for s3:// references (asked once, when needed).
     s3_credentials: Callable[[], bool] = field(default=lambda: True, compare=False)
 
-    @property
-    def roots(self) -> tuple[Path, ...]:
-        return self.local_roots or (self.base_dir,)
+    @cached_property
+    def real_roots(self) -> tuple[str, ...]:
+        """The folders local paths may point into, symlinks resolved (once per manifest)."""
+        return tuple(os.path.realpath(root) for root in self.local_roots or (self.base_dir,))
 
 
 class InvalidField(Exception):
@@ -288,7 +289,7 @@ def _local_file(text: str, defaults: RowDefaults) -> str:
         real = os.path.realpath(os.path.join(defaults.base_dir, path))
     except (OSError, ValueError):
         raise InvalidField(Codes.FILE_NOT_FOUND, f"not a usable path: {text[:200]!r}") from None
-    roots = [os.path.realpath(root) for root in defaults.roots]
+    roots = defaults.real_roots
     if not any(within(real, root) for root in roots):
         raise InvalidField(
             Codes.PATH_OUTSIDE_ROOT,
