@@ -284,7 +284,7 @@ def test_the_watchdog_brings_back_lost_messages_and_dead_workers_rows(
     a row whose holder died is re-enqueued once its lease lapsed."""
     from producer.batch import SubmitOptions, Submitter, output_root
     from worker.providers import get_provider
-    from worker.tasks import queue_depth, republish
+    from worker.tasks import enqueue_finalize, queue_depth, republish
     from worker.watchdog import Watchdog
 
     settings = Settings(broker_url=redis_url, redis_url=redis_url, allow_private_urls=True)
@@ -302,7 +302,8 @@ def test_the_watchdog_brings_back_lost_messages_and_dead_workers_rows(
     assert len(lost) == 2 and redis_client.llen("bgswap") == 0  # type: ignore[attr-defined]
     # Row 1 was adopted by a worker process that died at once: its lease lapses.
     store.adopt("lost1", 1, "t", "dead-worker", 0.3)
-    watchdog = Watchdog(store, republish, queue_depth, grace_s=0.5, interval_s=0.2)
+    watchdog = Watchdog(store, republish, queue_depth, enqueue_finalize, grace_s=0.5,
+                        interval_s=0.2)  # fmt: skip
     with inprocess_worker(app):
         watchdog.start()
         try:

@@ -196,3 +196,34 @@ def test_a_batch_of_only_rejected_rows_is_complete_when_sealed(harness: Harness)
     harness.submit("id,image,prompt\n,x.png,p\n")
     assert harness.completed == ["b1"]
     assert harness.lines()[0]["error"]["code"] == "input.missing_field"  # type: ignore[index]
+
+
+def test_a_batch_whose_finalizer_was_not_enqueued_is_finalized_by_the_watchdog(
+    tmp_path: Path,
+    redis_client: object,
+    redis_url: str,
+    files: FileServer,
+) -> None:
+    """The broker was away when the last row was recorded: the finalizer could not be
+    enqueued, the row's step still ends well, and the watchdog enqueues it later."""
+    from worker.watchdog import Watchdog
+
+    harness = Harness(redis_url, tmp_path)
+
+    def broker_away(batch_id: str) -> None:
+        raise ConnectionError("the broker is away")
+
+    harness.deps.on_batch_complete = broker_away
+    url = files.add("/p.png", png_bytes(), "image/png")
+    harness.submit(f"id,image,prompt\na,{url},p\n", batch_id="fz")
+    assert harness.deliver(0, "fz") is None  # done, and no exception
+    assert harness.store.meta("fz")["status"] == "finalizing"
+    clock = [100.0]
+    finalized: list[str] = []
+    watchdog = Watchdog(harness.store, lambda b, i: None, lambda: 0, finalized.append,
+                        grace_s=30, interval_s=1, clock=lambda: clock[0])  # fmt: skip
+    assert watchdog.sweep() == 0 and finalized == []  # first seen finalizing
+    clock[0] += 31
+    assert watchdog.sweep() == 1 and finalized == ["fz"]
+    assert finalize("fz", harness.deps) is not None
+    assert harness.store.meta("fz")["status"] == "done"

@@ -432,7 +432,12 @@ def _failure(job: Job, err: BgswapError) -> dict[str, Any]:
 
 def _finish(job: Job, deps: Deps, record: dict[str, Any], hold: Hold) -> None:
     """Record the row's terminal state as its holder (``Stale`` if it is not any more),
-    free its in-flight slot, and enqueue the finalizer if this completed the batch."""
+    enqueue the finalizer if this completed the batch, and free its in-flight slot.
+
+    Once the state is recorded, nothing may undo the step: a row stepped again would find
+    itself terminal and could never enqueue the finalizer. So the two duties after it only
+    log when they fail: the slot's lease runs out by itself, and the watchdog enqueues the
+    finalizer of a batch left finalizing (worker/watchdog.py)."""
     key = (job.batch_id, job.index)
     known = deps.local.started_at.get(key) if deps.local is not None else None
     record["started_at"] = known or deps.store.started_at(job.batch_id, job.index)
@@ -445,13 +450,19 @@ def _finish(job: Job, deps: Deps, record: dict[str, Any], hold: Hold) -> None:
         deps.local.drop(key)
     if verdict is FinishVerdict.STALE:
         raise Stale(f"row {job.job_id}: taken over before its {record['status']} was recorded")
-    limits = deps.limits(job.spec.provider)
-    if limits is not None:
-        limits.release(job.job_id)  # terminal: its in-flight slot is free
     error = record.get("error")
     log.info("row %s %s%s", job.job_id, record["status"], f" ({error['code']})" if error else "")
     if verdict is FinishVerdict.BATCH_COMPLETE:
-        deps.on_batch_complete(job.batch_id)
+        try:
+            deps.on_batch_complete(job.batch_id)
+        except Exception as exc:  # the broker away: the watchdog enqueues it later
+            log.warning("batch %s: finalizer not enqueued (%s)", job.batch_id, type(exc).__name__)
+    limits = deps.limits(job.spec.provider)
+    if limits is not None:
+        try:
+            limits.release(job.job_id)  # terminal: its in-flight slot is free
+        except Exception as exc:  # its lease frees it soon enough
+            log.warning("row %s: slot not released (%s)", job.job_id, type(exc).__name__)
 
 
 def manifest_destination(output_root: str, batch_id: str) -> str:

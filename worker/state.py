@@ -47,6 +47,8 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 TERMINAL_STATES = ("succeeded", "failed", "canceled", "skipped")
 ALL_STATES = ("queued", "running", *TERMINAL_STATES)
@@ -314,14 +316,17 @@ class BatchStore:
     @classmethod
     def from_url(cls, url: str) -> BatchStore:
         # A timeout on every call: a link that goes dark must not hang a worker's threads
-        # for ever (its leases would lapse unnoticed). No retry on timeout: a command that
-        # timed out may have run, and these are not all idempotent.
+        # for ever (its leases would lapse unnoticed). And no retries (redis-py retries a
+        # command 10 times by default): one that timed out or lost its connection may
+        # have run, and running a transition twice is not harmless (two epochs, a lost
+        # "batch complete"). The caller's step, heartbeat or sweep tries again instead.
         return cls(
             redis.Redis.from_url(
                 url,
                 decode_responses=True,
                 socket_timeout=REDIS_TIMEOUT_S,
                 socket_connect_timeout=REDIS_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
             )
         )
 
@@ -367,6 +372,20 @@ class BatchStore:
             return 0.0
         self.redis.hsetnx(key, "stalled_since", repr(now))
         return now - float(self.redis.hget(key, "stalled_since") or now)
+
+    def finalizing_for(self, batch_id: str, now: float | None) -> float:
+        """How long the batch has been seen finalizing (0 when it is not): ``now`` notes
+        the first sighting, None forgets it (the next sighting starts the count again)."""
+        key = _key(batch_id, "meta")
+        status, seen = self.redis.hmget(key, "status", "finalizing_seen")
+        if status != "finalizing" or now is None:
+            if seen is not None:
+                self.redis.hdel(key, "finalizing_seen")
+            return 0.0
+        if seen is None:
+            self.redis.hset(key, "finalizing_seen", repr(now))
+            return 0.0
+        return now - float(seen)
 
     def retire(self, batch_id: str) -> None:
         """The batch is done: the watchdog stops looking at it."""

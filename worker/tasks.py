@@ -68,6 +68,7 @@ def start_watchdog() -> Watchdog:
         deps.store,
         republish,
         queue_depth,
+        enqueue_finalize,
         grace_s=deps.settings.row_grace_s,
         interval_s=deps.settings.watchdog_interval_s,
     )

@@ -13,6 +13,9 @@ Every few seconds it looks at each live batch (`bgswap:live`):
   broker's queue has stayed empty for longer than the restore takes (``grace_s``), its
   queued rows are re-published. A duplicate is harmless: a terminal row is skipped, and
   a row another live process holds is left to it.
+- **Lost finalizers.** A batch whose last row was recorded but whose finalizer was never
+  enqueued (the broker was away just then) would stay ``finalizing`` for ever: after the
+  grace its finalizer is enqueued again (finalizing is idempotent).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Watchdog(threading.Thread):
         store: BatchStore,
         publish: Callable[[str, int], None],
         queue_depth: Callable[[], int],
+        finalize: Callable[[str], None],
         *,
         grace_s: float,
         interval_s: float,
@@ -42,6 +46,7 @@ class Watchdog(threading.Thread):
         self.store = store
         self.publish = publish
         self.queue_depth = queue_depth
+        self.finalize = finalize
         self.grace_s = grace_s
         self.interval_s = interval_s
         self.clock = clock
@@ -56,12 +61,24 @@ class Watchdog(threading.Thread):
                 log.warning("row %s:%d: its worker died; re-enqueued", batch_id, index)
                 self.publish(batch_id, index)
                 found += 1
+            found += self._finalizing(batch_id)
             if self.store.counts(batch_id)["queued"] == 0:
                 self.store.stalled_for(batch_id, None)
                 continue
             depth = self.queue_depth() if depth is None else depth
             found += self._stall(batch_id, depth)
         return found
+
+    def _finalizing(self, batch_id: str) -> int:
+        """Enqueue the finalizer again for a batch left finalizing past the grace."""
+        waited = self.store.finalizing_for(batch_id, self.clock())
+        if waited < self.grace_s:
+            return 0
+        log.warning("batch %s: finalizing for %.0fs; its finalizer enqueued again",
+                    batch_id, waited)  # fmt: skip
+        self.store.finalizing_for(batch_id, None)
+        self.finalize(batch_id)
+        return 1
 
     def _stall(self, batch_id: str, depth: int) -> int:
         stalled = self.store.stalled_for(batch_id, self.clock() if depth == 0 else None)
