@@ -19,6 +19,7 @@ names exactly one object, so it cannot receive a row's several results).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -487,6 +488,14 @@ def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)[:limit]
 
 
+# What a local write answers when trying again cannot help: a permission, a path that
+# cannot be (a file where a folder should be, a folder that cannot be made), read-only.
+_REFUSALS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+    errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL,
+})  # fmt: skip
+
+
 def _put_local(dest: str, body: _Body, content_type: str) -> StoredObject:
     """Write atomically: readers see the old file or the whole new one, never a torn one."""
     target = Path(dest).absolute()
@@ -494,9 +503,9 @@ def _put_local(dest: str, body: _Body, content_type: str) -> StoredObject:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(target, body)
-    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
-        raise StorageRejected(Codes.STORAGE_REJECTED, f"{where}: {exc.strerror}") from exc
     except OSError as exc:
+        if exc.errno in _REFUSALS:
+            raise StorageRejected(Codes.STORAGE_REJECTED, f"{where}: {exc.strerror}") from exc
         # Disk full, I/O errors, a flaky network mount: may well work on the next try.
         raise StorageUnavailable(Codes.STORAGE_UNAVAILABLE, f"{where}: {exc.strerror}") from exc
     return StoredObject(url=where, key=where, content_type=content_type, bytes=body.size)
