@@ -191,6 +191,7 @@ class _Lines:
         self._bytes = 0
         self._replay: deque[tuple[int, str]] = deque()
         self._read = 0  # lines read from the stream
+        self._flagged: dict[int, str] = {}  # line -> "bad" or "too_long", kept for replays
 
     def _raw_line(self) -> bytes | None:
         """The next line's bytes (None at the end); a line over the cap becomes b''."""
@@ -205,20 +206,27 @@ class _Lines:
         if len(raw) > limit and not raw.endswith(b"\n"):
             while (more := self._stream.readline(1 << 20)) and not more.endswith(b"\n"):
                 pass
-            self.too_long.append(self._read)
+            self._flag("too_long", self._read)
             return b""
         return raw
+
+    def _flag(self, kind: str, number: int) -> None:
+        (self.bad if kind == "bad" else self.too_long).append(number)
+        self._flagged[number] = kind  # flagged again if the line is read again
 
     def _decode(self, raw: bytes, number: int) -> str:
         try:
             return raw.decode()
         except UnicodeDecodeError:
-            self.bad.append(number)
+            self._flag("bad", number)
             return raw.decode(errors="replace")
 
     def _next(self) -> tuple[int, str] | None:
         if self._replay:
-            return self._replay.popleft()
+            item = self._replay.popleft()
+            if item[0] in self._flagged:
+                self._flag(self._flagged[item[0]], item[0])
+            return item
         raw = self._raw_line()
         if raw is None:
             return None

@@ -436,3 +436,16 @@ def test_s3_without_credentials_fails_once_and_clearly_in_a_worker(
     with pytest.raises(StorageRejected) as storage:
         Storage(settings, upload_attempts=1).put("s3://catalog/out/a.png", b"x", "image/png")
     assert storage.value.code == Codes.STORAGE_NO_CREDENTIALS and not storage.value.retryable
+
+
+def test_lines_read_again_after_a_broken_row_keep_their_own_errors() -> None:
+    data = (
+        f'id,image,prompt\nr1,{URL},"p\nr2,{URL},p\xff\xfe\nr3,{URL},{"z" * 5000}\nr4,{URL},p\n'
+    ).encode("latin-1")
+    outcomes = read_csv(data)
+    assert [(o.line, codes(o)) for o in outcomes] == [
+        (2, [Codes.UNTERMINATED_QUOTE]),
+        (3, [Codes.INVALID_VALUE]),  # not UTF-8
+        (4, [Codes.FIELD_TOO_LARGE]),
+        (5, []),
+    ]
