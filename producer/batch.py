@@ -66,6 +66,11 @@ class SubmitOptions:
     batch_id: str
     output: str  # from output_root()
     defaults: RowDefaults
+    # Where the manifest came from (its path and sha256), so the batch can be resumed.
+    source: dict[str, str] = field(default_factory=dict)
+    # Continue a batch whose submission was interrupted: rows below this index are
+    # recorded already (the batch exists).
+    resume_from: int | None = None
 
 
 @dataclass
@@ -143,19 +148,15 @@ class Submitter:
     ) -> SubmitReport:
         """Record and enqueue every row of ``outcomes`` (from ``read_manifest``)."""
         bid = check_batch_id(options.batch_id)
-        meta = {
-            "provider": options.defaults.provider,
-            "output": options.output,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "options": json.dumps(
-                {"prompt": options.defaults.prompt, "set": dict(options.defaults.values)}
-            ),
-        }
-        if not self.store.create(bid, meta, datetime.now(UTC).timestamp()):
-            raise UsageError(f"batch {bid} already exists: choose another --batch-id")
+        if options.resume_from is None:
+            self._create(bid, options)
+        skip = options.resume_from or 0
         report = SubmitReport(batch_id=bid)
         chunk: list[RowOutcome] = []
         for outcome in outcomes:
+            if outcome.index < skip:
+                report.total += 1  # recorded before the interruption
+                continue
             chunk.append(outcome)
             if on_row is not None:
                 on_row(outcome)
@@ -165,6 +166,19 @@ class Submitter:
         self._flush(chunk, options, report)
         report.complete = self.store.seal(bid, report.total)
         return report
+
+    def _create(self, bid: str, options: SubmitOptions) -> None:
+        meta = {
+            **options.source,
+            "provider": options.defaults.provider,
+            "output": options.output,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "options": json.dumps(
+                {"prompt": options.defaults.prompt, "set": dict(options.defaults.values)}
+            ),
+        }
+        if not self.store.create(bid, meta, datetime.now(UTC).timestamp()):
+            raise UsageError(f"batch {bid} already exists: choose another --batch-id")
 
     def _flush(self, chunk: list[RowOutcome], options: SubmitOptions, report: SubmitReport) -> None:
         bid = options.batch_id

@@ -6,6 +6,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from rich.table import Table
 
 from producer import runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
+from producer.interrupts import Interrupted, Interrupts, interrupts
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
-from worker.errors import ManifestUnreadable, RowCanceled, Unreachable, UsageError
+from worker.errors import BgswapError, ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
 from worker.settings import Settings, load_settings
@@ -182,6 +184,12 @@ class Prepared:
     defaults: RowDefaults
     outcomes: Iterator[RowOutcome]
     batch_id: str
+    source: dict[str, str]  # the manifest's path, format and sha256 (see runner)
+    root: str  # where the batch writes (from output_root)
+
+    @property
+    def sha256(self) -> str | None:
+        return self.source.get("manifest_sha256")
 
 
 @contextmanager
@@ -199,7 +207,8 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
         runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
         outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
-        yield Prepared(manifest, defaults, outcomes, batch_id)
+        source = runner.manifest_source(manifest_path, manifest.fmt)
+        yield Prepared(manifest, defaults, outcomes, batch_id, source, root)
 
 
 def _enqueue(
@@ -208,6 +217,8 @@ def _enqueue(
     store: BatchStore,
     prepared: Prepared,
     args: JobArgs,
+    stop: Interrupts | None = None,
+    resume_from: int | None = None,
 ) -> SubmitReport:
     manifest = prepared.manifest
     reporter = RowReporter()
@@ -217,6 +228,8 @@ def _enqueue(
 
         def on_row(outcome: RowOutcome) -> None:
             nonlocal rows
+            if stop is not None:
+                stop.check()  # between rows: the chunk so far is simply not recorded
             rows += 1
             reporter(outcome)
             if rows % 200 == 0:
@@ -228,9 +241,11 @@ def _enqueue(
             store,
             prepared.outcomes,
             defaults=prepared.defaults,
-            output=args.output or settings.output,
+            output=prepared.root,
             batch_id=prepared.batch_id,
             on_row=on_row,
+            source=prepared.source,
+            resume_from=resume_from,
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
@@ -263,14 +278,26 @@ def _position(manifest: runner.ManifestInput) -> int | None:
         return None
 
 
-def _wait(store: BatchStore, batch_id: str) -> dict[str, str]:
+def _wait(store: BatchStore, batch_id: str, stop: Interrupts | None = None) -> dict[str, str]:
+    """Progress until the batch's output manifest is written: rows done, rows/s (over
+    the last seconds), provider, cost so far."""
     with _progress() as progress:
         task = progress.add_task("process", total=None, detail="")
+        window: deque[tuple[float, int]] = deque(maxlen=40)  # 10 s of 0.25 s polls
 
         def on_progress(counts: dict[str, int], total: int) -> None:
+            if stop is not None:
+                stop.check()
             done = runner.terminal_count(counts)
+            window.append((time.monotonic(), done))
+            (t0, d0), (t1, d1) = window[0], window[-1]
+            rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+            meta = store.meta(batch_id)
             detail = (
-                f"ok {counts['succeeded']}  failed {counts['failed']}  running {counts['running']}"
+                f"{meta.get('provider', '?')}  ok {counts['succeeded']}  "
+                f"skipped {counts['skipped']}  failed {counts['failed']}  "
+                f"running {counts['running']}  {rate:.1f} rows/s  "
+                f"${float(meta.get('cost_usd', 0)):.2f}"
             )
             progress.update(task, total=total or None, completed=done, detail=detail)
 
@@ -287,15 +314,15 @@ def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
     out_dir = f"{meta['output'].rstrip('/')}/{batch_id}"
     err.print(
         f"[bold]{batch_id}[/bold]: {counts['succeeded']}/{total} succeeded, "
-        f"{counts['failed']} failed, {counts['canceled']} canceled; "
-        f"cost ${float(meta.get('cost_usd', 0)):.2f}",
+        f"{counts['skipped']} skipped, {counts['failed']} failed, "
+        f"{counts['canceled']} canceled; cost ${float(meta.get('cost_usd', 0)):.2f}",
         highlight=False,
     )
     for provider, reason in store.halts(batch_id).items():
         err.print(f"[red]{provider} was stopped for this batch:[/red] {reason}", highlight=False)
     err.print(f"outputs:  {out_dir}/", highlight=False)
     err.print(f"manifest: {meta.get('manifest_url', '(not written)')}", highlight=False)
-    return 0 if counts["succeeded"] == total else 1
+    return 0 if counts["succeeded"] + counts["skipped"] == total else 1
 
 
 @app.command()
@@ -311,46 +338,225 @@ def run(
     strict: StrictOpt = False,
     concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
 ) -> None:
-    """Process a whole manifest on this machine and exit when every row is terminal."""
+    """Process a whole manifest on this machine and exit when every row is terminal.
+    With --batch-id of a batch that exists (made from the same file), continue it."""
     settings = _settings()
     args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
-    with _prepare(settings, manifest, args) as prepared:
-        if settings.broker_url:
-            celery_app, store = _connect(settings)
-            report = _enqueue(settings, celery_app, store, prepared, args)
-            raise typer.Exit(_summary(store, report.batch_id, _wait(store, report.batch_id)))
-        raise typer.Exit(_run_embedded(settings, prepared, args, concurrency))
+    with (
+        interrupts() as stop,
+        _prepare(settings, manifest, args) as prepared,
+        _backend(settings, runs_rows=True) as backend,
+    ):
+        raise typer.Exit(_drive(backend, prepared.batch_id, stop, concurrency, prepared, args))
 
 
-def _run_embedded(
-    settings: Settings, prepared: Prepared, args: JobArgs, concurrency: int | None
-) -> int:
+@app.command()
+def resume(
+    batch: Annotated[str, typer.Argument(help="batch id")],
+    concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
+) -> None:
+    """Continue an interrupted batch: terminal rows are kept, rows with a saved provider
+    task are polled (not paid again), the rest run."""
+    settings = _settings()
+    with interrupts() as stop, _backend(settings, runs_rows=True) as backend:
+        backend.store.meta(batch)  # BatchNotFound (exit 2) before any worker starts
+        raise typer.Exit(_drive(backend, batch, stop, concurrency))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where batches live: a configured broker's Redis, or the embedded durable one."""
+
+    settings: Settings  # with the embedded server's URLs, when embedded
+    celery_app: Any
+    store: BatchStore
+    embedded: bool
+    owner: bool = False  # embedded, and this process runs the server: no worker runs
+
+
+@contextmanager
+def _backend(settings: Settings, *, runs_rows: bool) -> Iterator[Backend]:
+    """BGSWAP_BROKER_URL set: its Redis. Unset: the embedded default's server on the
+    state directory, started now if no other bgswap runs it. ``runs_rows``: this command
+    runs an in-process worker, so it must own the server (see producer/embedded.py)."""
+    if settings.broker_url:
+        celery_app, store = _connect(settings)
+        yield Backend(settings, celery_app, store, embedded=False)
+        return
     # Imported here: the Celery app reads settings when imported, and only the
     # commands that talk to a queue should pay for (or fail on) that.
-    from producer.embedded import broker_url_for, inprocess_worker, redis_server  # noqa: PLC0415
+    from producer.embedded import (  # noqa: PLC0415
+        broker_url_for,
+        durable_redis,
+        reset_owned,
+        state_dir_for,
+    )
+
+    with durable_redis(state_dir_for(settings.state_dir), need_owner=runs_rows) as server:
+        local = settings.model_copy(
+            update={"broker_url": broker_url_for(server.url), "redis_url": server.url}
+        )
+        celery_app, store = _connect(local)
+        if server.owner:
+            from worker.celery_app import QUEUE  # noqa: PLC0415
+
+            when = _now()
+            reset_owned(store.redis, QUEUE, store.live_batches(), lambda b: store.pause(b, when))
+        try:
+            yield Backend(local, celery_app, store, embedded=True, owner=server.owner)
+        finally:
+            store.redis.close()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@contextmanager
+def _rows_worker(backend: Backend, concurrency: int | None) -> Iterator[None]:
+    """The embedded default's in-process worker (remote workers need nothing here)."""
+    if not backend.embedded:
+        yield
+        return
+    from producer.embedded import inprocess_worker  # noqa: PLC0415
     from worker import runtime  # noqa: PLC0415
     from worker.celery_app import apply_config  # noqa: PLC0415
 
-    with redis_server() as redis_url:
-        local = settings.model_copy(
-            update={
-                "broker_url": broker_url_for(redis_url),
-                "redis_url": redis_url,
-                "worker_concurrency": concurrency or settings.worker_concurrency,
-            }
+    local = backend.settings
+    if concurrency:
+        local = local.model_copy(update={"worker_concurrency": concurrency})
+    apply_config(local)
+    runtime.configure(local)
+    with inprocess_worker(backend.celery_app):
+        yield
+
+
+def _drive(
+    backend: Backend,
+    batch_id: str,
+    stop: Interrupts,
+    concurrency: int | None,
+    prepared: Prepared | None = None,
+    args: JobArgs | None = None,
+) -> int:
+    """Run a batch to its end on this backend: a new one from ``prepared``, or one that
+    exists (interrupted, or being continued by `run --batch-id`)."""
+    store = backend.store
+    exists = store.exists(batch_id)
+    if exists and prepared is not None:
+        _same_manifest(batch_id, store.meta(batch_id), prepared)
+    try:
+        with _rows_worker(backend, concurrency):
+            if exists or prepared is None:
+                meta = store.meta(batch_id)
+                if meta.get("status") in ("done", "failed"):
+                    err.print(f"batch {batch_id} has ended already", highlight=False)
+                    return _summary(store, batch_id, meta)
+                _continue(backend, batch_id, meta, stop, prepared)
+            else:
+                _enqueue(backend.settings, backend.celery_app, store, prepared,
+                         args or JobArgs(), stop)  # fmt: skip
+            return _summary(store, batch_id, _wait(store, batch_id, stop))
+    except Interrupted as exc:
+        return _interrupted(backend, batch_id, exc)
+
+
+def _continue(
+    backend: Backend,
+    batch_id: str,
+    meta: dict[str, str],
+    stop: Interrupts,
+    prepared: Prepared | None,
+) -> None:
+    """Pick an existing batch up where it stopped."""
+    store = backend.store
+    store.revive(batch_id)
+    taken = store.take_back(batch_id) if backend.embedded else 0
+    queued = runner.republish_queued(backend.celery_app, store, batch_id)
+    done = runner.terminal_count(store.counts(batch_id))
+    err.print(
+        f"resuming batch [bold]{batch_id}[/bold]: {done} rows done, {queued} to run "
+        f"({taken} taken back from an ended run)",
+        highlight=False,
+    )
+    if meta.get("status") == "submitting":  # the manifest was not read to its end
+        with _reopen(backend.settings, batch_id, meta, prepared) as reopened:
+            _enqueue(backend.settings, backend.celery_app, store, reopened, JobArgs(), stop,
+                     resume_from=store.recorded(batch_id))  # fmt: skip
+    elif meta.get("status") == "finalizing":
+        runner.enqueue_finalize(backend.celery_app, batch_id)
+
+
+def _same_manifest(batch_id: str, meta: dict[str, str], prepared: Prepared) -> None:
+    if not meta.get("manifest_sha256") or meta.get("manifest_sha256") != prepared.sha256:
+        raise UsageError(
+            f"batch {batch_id} exists and was made from another manifest: choose another "
+            f"--batch-id, or `bgswap resume {batch_id}`"
         )
-        celery_app, store = _connect(local)
-        apply_config(local)
-        runtime.configure(local)
-        with inprocess_worker(celery_app):
-            report = _enqueue(local, celery_app, store, prepared, args)
-            code = _summary(store, report.batch_id, _wait(store, report.batch_id))
-        store.redis.close()
-    return code
+    if meta.get("output") != prepared.root:
+        raise UsageError(
+            f"batch {batch_id} exists and writes to {meta.get('output')}, "
+            f"not {prepared.root}: choose another --batch-id"
+        )
+
+
+@contextmanager
+def _reopen(
+    settings: Settings, batch_id: str, meta: dict[str, str], prepared: Prepared | None
+) -> Iterator[Prepared]:
+    """The manifest of a batch whose submission was cut short, to enqueue the rest."""
+    if prepared is not None:
+        yield prepared
+        return
+    path = meta.get("manifest", "-")
+    if (
+        path == "-"
+        or not Path(path).is_file()
+        or runner.file_sha256(path) != meta.get("manifest_sha256")
+    ):
+        raise UsageError(
+            f"batch {batch_id} was interrupted while its manifest was read, and "
+            f"{'standard input' if path == '-' else path} cannot be read again as it was: "
+            f"run `bgswap run MANIFEST --batch-id {batch_id}` with the same file"
+        )
+    options = json.loads(meta.get("options") or "{}")
+    args = JobArgs(
+        provider=meta.get("provider"),
+        output=meta["output"],
+        prompt=options.get("prompt"),
+        set_items=tuple(f"{k}={v}" for k, v in (options.get("set") or {}).items()),
+        batch_id=batch_id,
+        fmt=meta.get("format"),
+    )
+    with _prepare(settings, path, args) as reopened:
+        yield reopened
+
+
+def _interrupted(backend: Backend, batch_id: str, exc: Interrupted) -> int:
+    """After the worker handed its rows back: the partial manifest and one line."""
+    store = backend.store
+    if not store.exists(batch_id):
+        err.print("interrupted before the batch was created: nothing to resume")
+        return exc.exit_code
+    if backend.embedded:
+        store.pause(batch_id, _now())
+    try:
+        where = runner.write_partial_manifest(backend.settings, store, batch_id)
+    except BgswapError as error:
+        where = f"(not written: {error.message})"
+    counts = store.counts(batch_id)
+    goes_on = "" if backend.embedded else "; the workers go on with what was enqueued"
+    err.print(
+        f"interrupted: {runner.terminal_count(counts)} rows done, partial manifest {where}"
+        f"{goes_on}; resume with: bgswap resume {batch_id}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return exc.exit_code
 
 
 def _connect(settings: Settings) -> tuple[Any, BatchStore]:
-    import worker.tasks  # noqa: F401, PLC0415 - registers the tasks (see _run_embedded)
+    import worker.tasks  # noqa: F401, PLC0415 - registers the tasks (see _backend)
     from worker.celery_app import app as celery_app  # noqa: PLC0415
 
     celery_app.conf.broker_url = settings.effective_broker_url
@@ -423,8 +629,11 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch is done")] = False,
 ) -> None:
     """Counts by state, cost so far, rate, ETA."""
-    settings = _settings()
-    store = BatchStore.from_url(settings.effective_redis_url)
+    with _backend(_settings(), runs_rows=False) as backend:
+        _show_status(backend.store, batch, watch)
+
+
+def _show_status(store: BatchStore, batch: str, watch: bool) -> None:
     while True:
         meta, counts = store.meta(batch), store.counts(batch)
         active = counts["running"] + counts["queued"]
@@ -470,51 +679,83 @@ def results(
     """Write the output manifest (one line per input row, in input order)."""
     if format not in ("jsonl", "csv"):
         raise UsageError("--format must be jsonl or csv")
-    store = BatchStore.from_url(_settings().effective_redis_url)
-    lines = manifest_lines(store, batch)
-    writer = write_csv if format == "csv" else write_jsonl
-    if out is None:
-        writer(lines, sys.stdout)
-        return
-    with out.open("w", encoding="utf-8", newline="") as fh:
-        n = writer(lines, fh)
+    with _backend(_settings(), runs_rows=False) as backend:
+        lines = manifest_lines(backend.store, batch)
+        writer = write_csv if format == "csv" else write_jsonl
+        if out is None:
+            writer(lines, sys.stdout)
+            return
+        with out.open("w", encoding="utf-8", newline="") as fh:
+            n = writer(lines, fh)
     err.print(f"{n} rows written to {out}")
 
 
 @app.command()
 def retry(batch: Annotated[str, typer.Argument(help="batch id")]) -> None:
-    """Re-enqueue the failed rows of a batch (rows rejected by validation stay failed)."""
-    settings = _settings()
-    celery_app, store = _connect(settings)
-    total = int(store.meta(batch).get("total", 0))
-    messages = []
-    for rec in store.records(batch, total):
-        if (
-            rec.state == "failed"
+    """Re-enqueue the failed rows of a batch (rows rejected by validation stay failed).
+    On the embedded default with no run going on, run them now."""
+    with interrupts() as stop, _backend(_settings(), runs_rows=False) as backend:
+        store = backend.store
+        total = int(store.meta(batch).get("total", 0))
+        indices = [
+            rec.index
+            for rec in store.records(batch, total)
+            if rec.state == "failed"
             and not rec.job.get("rejected")
             and store.requeue_failed(batch, rec.index)
-        ):
-            messages.append((f"{batch}:{rec.index}:retry", batch, rec.index))
-    runner.celery_publisher(celery_app)(messages)
-    err.print(f"{len(messages)} failed rows re-enqueued")
+        ]
+        err.print(f"{len(indices)} failed rows re-enqueued")
+        if backend.owner:  # nobody else would run them: this command does
+            raise typer.Exit(_drive(backend, batch, stop, None) if indices else 0)
+        messages = [(f"{batch}:{i}:retry-{int(time.time())}", batch, i) for i in indices]
+        runner.celery_publisher(backend.celery_app)(messages)
 
 
 @app.command()
 def cancel(batch: Annotated[str, typer.Argument(help="batch id")]) -> None:
     """Stop the rest of a batch: queued rows become canceled, in-flight provider requests
     are canceled where the provider can (fal), and waiting rows stop waiting."""
-    settings = _settings()
-    celery_app, store = _connect(settings)
-    store.meta(batch)  # BatchNotFound (exit 2) for an unknown id
-    store.set_meta(batch, canceled="1")  # workers polling a provider see it and stop
-    in_flight = runner.cancel_in_flight(settings, store, batch)
-    n, complete = 0, False
-    canceled = RowCanceled("canceled by `bgswap cancel`")
-    for index in list(store.indices_in_state(batch, "queued")):
-        result = {"status": "canceled", "outputs": [], "cost_usd": 0.0, "error": canceled.to_dict()}
-        verdict = store.finish(batch, index, "canceled", result, allowed_from=("queued",))
-        n += verdict.value != "terminal"
-        complete = complete or verdict.value == "complete"
-    if complete:
-        runner.enqueue_finalize(celery_app, batch)
+    with _backend(_settings(), runs_rows=False) as backend:
+        settings, store = backend.settings, backend.store
+        store.meta(batch)  # BatchNotFound (exit 2) for an unknown id
+        store.set_meta(batch, canceled="1")  # workers polling a provider see it and stop
+        if backend.owner:
+            store.take_back(batch)  # rows an ended run held: nobody works on them
+        in_flight = runner.cancel_in_flight(settings, store, batch)
+        n, complete = 0, False
+        canceled = RowCanceled("canceled by `bgswap cancel`")
+        for index in list(store.indices_in_state(batch, "queued")):
+            result = {
+                "status": "canceled", "outputs": [], "cost_usd": 0.0, "error": canceled.to_dict()
+            }  # fmt: skip
+            verdict = store.finish(batch, index, "canceled", result, allowed_from=("queued",))
+            n += verdict.value != "terminal"
+            complete = complete or verdict.value == "complete"
+        if complete and backend.owner:
+            runner.finalize_here(settings, batch)
+        elif complete:
+            runner.enqueue_finalize(backend.celery_app, batch)
     err.print(f"{n} queued rows canceled; {in_flight} in-flight provider requests canceled")
+
+
+@app.command()
+def batches(
+    limit: Annotated[int, typer.Option("--limit", help="how many, newest first")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per batch")] = False,
+) -> None:
+    """Recent batches with their state, counts and cost."""
+    with _backend(_settings(), runs_rows=False) as backend:
+        summaries = [runner.batch_summary(backend.store, b) for b in backend.store.batch_ids(limit)]
+    if as_json:
+        for summary in summaries:
+            typer.echo(json.dumps(summary))
+        return
+    table = Table("batch", "state", "total", "succeeded", "skipped", "failed", "canceled",
+                  "cost", "created")  # fmt: skip
+    for b in summaries:
+        c = b["counts"]
+        table.add_row(
+            b["batch_id"], b["state"], str(c["total"]), str(c["succeeded"]), str(c["skipped"]),
+            str(c["failed"]), str(c["canceled"]), f"${b['cost_usd']:.2f}", b["created_at"] or "",
+        )  # fmt: skip
+    Console().print(table)

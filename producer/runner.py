@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -155,6 +156,8 @@ def submit_manifest(
     output: str,
     batch_id: str | None,
     on_row: Callable[[RowOutcome], None] | None = None,
+    source: dict[str, str] | None = None,
+    resume_from: int | None = None,
 ) -> SubmitReport:
     root = output_root(output)
     stage = Stager(Storage(settings), root, settings) if needs_staging(root) else None
@@ -163,11 +166,104 @@ def submit_manifest(
         batch_id=batch_id or new_batch_id(),
         output=root,
         defaults=defaults,
+        source=source or {},
+        resume_from=resume_from,
     )
     report = submitter.submit(outcomes, options, on_row=on_row)
     if report.complete:
         enqueue_finalize(app, report.batch_id)
     return report
+
+
+def file_sha256(path: str) -> str | None:
+    """The manifest's digest (None for stdin): a resumed batch must read the same file."""
+    if path == "-":
+        return None
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_source(path: str, fmt: Format) -> dict[str, str]:
+    """What a batch records of its manifest, to read the rest of it on resume."""
+    if path == "-":
+        return {"manifest": "-", "format": fmt}
+    return {
+        "manifest": str(Path(path).resolve()),
+        "manifest_sha256": file_sha256(path) or "",
+        "format": fmt,
+    }
+
+
+def republish_queued(app: Any, store: BatchStore, batch_id: str) -> int:
+    """A message for every queued row of the batch (a resumed batch's queue was emptied;
+    where one still waits, the row's adopt takes only one of the two)."""
+    stamp = int(time.time())
+    messages = [
+        (f"{batch_id}:{index}:resume-{stamp}", batch_id, index)
+        for index in store.indices_in_state(batch_id, "queued")
+    ]
+    for lo in range(0, len(messages), 500):
+        celery_publisher(app)(messages[lo : lo + 500])
+    return len(messages)
+
+
+def write_partial_manifest(settings: Settings, store: BatchStore, batch_id: str) -> str:
+    """The output manifest as it stands (rows not yet terminal: ``pending``), where the
+    final one will go; returns its URL."""
+    from worker.pipeline import manifest_destination  # noqa: PLC0415 - worker code, lazily
+    from worker.report import MANIFEST_CONTENT_TYPE, spool_manifest  # noqa: PLC0415
+
+    meta = store.meta(batch_id)
+    path = spool_manifest(store, batch_id)
+    storage = Storage(settings)
+    try:
+        dest = manifest_destination(meta["output"], batch_id)
+        return storage.put_file(dest, path, MANIFEST_CONTENT_TYPE).url
+    finally:
+        path.unlink(missing_ok=True)
+        storage.close()
+
+
+def finalize_here(settings: Settings, batch_id: str) -> None:
+    """Write a complete batch's output manifest in this process (the embedded default
+    with no worker running: `bgswap cancel` of an interrupted batch)."""
+    from worker import runtime  # noqa: PLC0415 - worker code, lazily
+    from worker.pipeline import finalize  # noqa: PLC0415
+
+    runtime.configure(settings)
+    finalize(batch_id, runtime.get_deps())
+
+
+def batch_state(meta: dict[str, str]) -> str:
+    """The state users see: queued | running | finalizing | done | canceled | failed, and
+    interrupted (the embedded default's run ended before the batch did)."""
+    status = meta.get("status", "")
+    if status == "done":
+        return "canceled" if meta.get("canceled") else "done"
+    if status == "failed":
+        return "failed"
+    if meta.get("interrupted_at"):
+        return "interrupted"
+    if status == "finalizing":
+        return "finalizing"
+    return "queued" if status == "submitting" else "running"
+
+
+def batch_summary(store: BatchStore, batch_id: str) -> dict[str, Any]:
+    meta, counts = store.meta(batch_id), store.counts(batch_id)
+    total = int(meta.get("total") or store.recorded(batch_id))
+    return {
+        "batch_id": batch_id,
+        "state": batch_state(meta),
+        "counts": {"total": total, **counts},
+        "cost_usd": round(float(meta.get("cost_usd", 0)), 6),
+        "created_at": meta.get("created_at"),
+        "finished_at": meta.get("finished_at"),
+        "manifest_url": meta.get("manifest_url"),
+    }
 
 
 def active_memories(store: BatchStore, batch_id: str) -> Iterator[tuple[int, dict[str, Any]]]:

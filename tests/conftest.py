@@ -35,7 +35,9 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_bgswap_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_bgswap_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Tests set what they need; nothing leaks in from the developer's shell. Every test,
     and every process it starts (they inherit this environment), has dummy AWS
     credentials and the metadata lookup off: nothing reaches a cloud address."""
@@ -45,3 +47,6 @@ def _clean_bgswap_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("BGSWAP_") or key in ("RUNWARE_API_KEY", "FAL_KEY"):
             monkeypatch.delenv(key)
     use_dummy_aws_env(monkeypatch)
+    # The embedded default's durable state: a folder of the test's own, never the
+    # developer's (processes the test starts inherit it).
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

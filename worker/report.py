@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from worker.errors import redact_url
-from worker.state import BatchStore, RowRecord
+from worker.state import TERMINAL_STATES, BatchStore, RowRecord
 
 FIELDS = (
     "id", "status", "provider", "model", "prompt", "image", "outputs", "cost_usd",
@@ -28,11 +28,13 @@ def redact_ref(ref: str | None) -> str | None:
 
 
 def manifest_line(rec: RowRecord) -> dict[str, Any]:
+    """A row's line; a row not yet terminal (an interrupted batch) is ``pending``."""
     job, result = rec.job, rec.result or {}
     spec: dict[str, Any] = job.get("spec", job)
+    pending = rec.state not in TERMINAL_STATES
     return {
         "id": spec.get("id"),
-        "status": result.get("status", rec.state),
+        "status": "pending" if pending else result.get("status", rec.state),
         "provider": result.get("provider", spec.get("provider")),
         "model": result.get("model"),
         "prompt": result.get("prompt", spec.get("prompt")),
@@ -49,7 +51,8 @@ def manifest_line(rec: RowRecord) -> dict[str, Any]:
 
 
 def manifest_lines(store: BatchStore, batch_id: str) -> Iterator[dict[str, Any]]:
-    total = int(store.meta(batch_id).get("total", 0))
+    """Every row's line; a batch still being submitted has those recorded so far."""
+    total = int(store.meta(batch_id).get("total") or store.recorded(batch_id))
     for rec in store.records(batch_id, total):
         yield manifest_line(rec)
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     fal_resubmit_unknown: bool = False
 
     s3_endpoint_url: str | None = None
+    # The embedded default's durable state (its Redis data); unset: the XDG state home.
+    state_dir: Path | None = None
     allow_private_urls: bool = False
     # Where a manifest may read and write besides its own folder and --output: local
     # folders (os.pathsep-separated), s3://bucket/prefix destinations (comma-separated).

@@ -256,6 +256,19 @@ return 1
 """
 )
 
+# KEYS: state, counts, lease, due, epoch; ARGV: index. A running row's hold ends whoever
+# holds it: only for a holder known to be gone (the embedded default's previous owner).
+_TAKE_BACK = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end
+redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], 'queued')
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+redis.call('HINCRBY', KEYS[2], 'queued', 1)
+return 1
+"""
+
 LIVE_KEY = "bgswap:live"
 REDIS_TIMEOUT_S = 10.0
 
@@ -312,6 +325,7 @@ class BatchStore:
         self._claim = client.register_script(_CLAIM)
         self._save = client.register_script(_SAVE)
         self._renew = client.register_script(_RENEW)
+        self._take_back = client.register_script(_TAKE_BACK)
 
     @classmethod
     def from_url(cls, url: str) -> BatchStore:
@@ -391,6 +405,27 @@ class BatchStore:
         """The batch is done: the watchdog stops looking at it."""
         self.redis.srem(LIVE_KEY, batch_id)
 
+    def pause(self, batch_id: str, when: str) -> None:
+        """An interrupted batch: no watchdog touches it until it is resumed."""
+        self.redis.srem(LIVE_KEY, batch_id)
+        self.redis.hset(_key(batch_id, "meta"), "interrupted_at", when)
+
+    def revive(self, batch_id: str) -> None:
+        """A paused batch goes on (`bgswap resume`)."""
+        self.redis.hdel(_key(batch_id, "meta"), "interrupted_at", "stalled_since")
+        self.redis.sadd(LIVE_KEY, batch_id)
+
+    def take_back(self, batch_id: str) -> int:
+        """Every running row of the batch back to queued, its hold ended and its epoch
+        moved on (a holder that is somehow alive is fenced off); returns how many."""
+        keys = [_key(batch_id, p) for p in ("state", "counts", "lease", "due", "epoch")]
+        running = list(self.indices_in_state(batch_id, "running"))
+        return sum(int(self._take_back(keys=keys, args=[i])) for i in running)
+
+    def recorded(self, batch_id: str) -> int:
+        """How many rows of the batch are registered (rows 0..n-1: chunks go in order)."""
+        return int(self.redis.hlen(_key(batch_id, "jobs")))
+
     def add_rows(self, batch_id: str, rows: Sequence[tuple[int, str, str, str | None]]) -> None:
         """Register rows ``(index, job json, state, result json)`` of a batch being submitted."""
         pipe = self.redis.pipeline(transaction=False)
@@ -413,6 +448,9 @@ class BatchStore:
         """All rows are registered; True when the batch is already complete."""
         keys = [_key(batch_id, "counts"), _key(batch_id, "meta")]
         return bool(self._seal(keys=keys, args=[total]))
+
+    def exists(self, batch_id: str) -> bool:
+        return bool(self.redis.exists(_key(batch_id, "meta")))
 
     def meta(self, batch_id: str) -> dict[str, str]:
         meta: dict[str, str] = self.redis.hgetall(_key(batch_id, "meta"))
