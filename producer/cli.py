@@ -750,12 +750,16 @@ def batches(
         for summary in summaries:
             typer.echo(json.dumps(summary))
         return
-    table = Table("batch", "state", "total", "succeeded", "skipped", "failed", "canceled",
-                  "cost", "created")  # fmt: skip
+    table = Table(box=None, pad_edge=False)
+    for name in ("batch", "state", "done", "failed", "skipped", "cost", "created"):
+        table.add_column(name, no_wrap=True)
     for b in summaries:
         c = b["counts"]
+        done = c["succeeded"] + c["skipped"] + c["failed"] + c["canceled"]
         table.add_row(
-            b["batch_id"], b["state"], str(c["total"]), str(c["succeeded"]), str(c["skipped"]),
-            str(c["failed"]), str(c["canceled"]), f"${b['cost_usd']:.2f}", b["created_at"] or "",
+            b["batch_id"], b["state"], f"{done}/{c['total']}", str(c["failed"]),
+            str(c["skipped"]), f"${b['cost_usd']:.2f}",
+            (b["created_at"] or "")[:16].replace("T", " "),
         )  # fmt: skip
-    Console().print(table)
+    # Not a terminal: no 80-column squeeze (rich's default), scripts read whole ids.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

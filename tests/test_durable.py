@@ -155,6 +155,15 @@ def test_ctrl_c_hands_rows_back_writes_a_partial_manifest_and_resume_pays_nothin
 
         listed = bgswap("batches", "--json", cwd=tmp_path, env=env)
         assert json.loads(listed.stdout.splitlines()[0])["state"] == "interrupted"
+        # Another run meanwhile does not take up the interrupted batch's rows.
+        (tmp_path / "p.png").write_bytes(png())
+        (tmp_path / "o.csv").write_text("id,image,prompt\no1,p.png,on oak\n")
+        other = bgswap("run", "o.csv", "--provider", "local", "--output", "out",
+                       cwd=tmp_path, env=env, timeout=60)  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        listed = bgswap("batches", "--json", cwd=tmp_path, env=env)
+        int1 = next(json.loads(x) for x in listed.stdout.splitlines() if '"int1"' in x)
+        assert int1["state"] == "interrupted" and int1["counts"]["queued"] == ROWS
         resumed = bgswap("resume", "int1", cwd=tmp_path, env=env, timeout=120)
         assert resumed.returncode == 0, resumed.stderr
         assert_paid_once(fake, manifest_lines(tmp_path / "out/int1/manifest.jsonl"))
