@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from batching import BIN, bgswap, clean_env, manifest_lines, png
+from batching import BIN, bgswap, clean_env, manifest_lines, png, start_worker
+from producer import runner
 from producer.embedded import state_dir_for
 from servers.files import FileServer
 from servers.runware import FakeRunware
+from worker.state import BatchStore
 
 KEY = "rw-durable-key"
 ROWS = 5
@@ -252,3 +254,27 @@ def test_a_run_interrupted_while_reading_its_manifest_resumes_with_the_rest(
     results = bgswap("results", "e1", cwd=tmp_path, env=env)
     lines = [json.loads(x) for x in results.stdout.splitlines()]
     assert [x["id"] for x in lines] == [f"p{i}" for i in range(rows)]  # each row once, in order
+
+
+@pytest.mark.slow
+def test_with_a_broker_an_interrupted_run_stops_waiting_and_the_workers_go_on(
+    redis_url: str, redis_client: redis_lib.Redis, tmp_path: Path, files: FileServer
+) -> None:
+    url_manifest(tmp_path, files)
+    with FakeRunware(KEY, processing_s=3.0) as fake:
+        env = {**runware_env(fake), "BGSWAP_BROKER_URL": redis_url}
+        worker = start_worker(env, tmp_path / "w.log")
+        try:
+            proc = start_run(tmp_path, env, "b1")
+            wait_until(lambda: len(fake.paid) == ROWS, 60, "every row accepted")
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 130, stderr
+            assert "the workers go on" in stderr.strip().splitlines()[-1]
+            store = BatchStore.from_url(redis_url)
+            meta = runner.wait_for_batch(store, "b1", lambda c, t: None, timeout_s=60)
+            assert meta["status"] == "done"
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+        assert_paid_once(fake, manifest_lines(tmp_path / "out/b1/manifest.jsonl"))
