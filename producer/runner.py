@@ -30,12 +30,13 @@ from producer.manifest import (
     detect_format,
     parse_set_options,
 )
+from producer.preflight import check_provider
 from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
 from producer.staging import Stager, needs_staging
 from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError, redact_url
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
-from worker.providers import available, get_provider
+from worker.providers import available, get_provider, missing_key
 from worker.providers.base import Provider
 from worker.settings import Settings
 from worker.state import TERMINAL_STATES, BatchStore
@@ -62,8 +63,11 @@ def open_manifest(path: str, explicit_format: str | None) -> Iterator[ManifestIn
     else:
         file = Path(path)
         if not file.is_file():
-            raise ManifestUnreadable(f"{path}: no such file")
-        stream = file.open("rb")
+            raise ManifestUnreadable(_not_a_file(path))
+        try:
+            stream = file.open("rb")
+        except OSError as exc:  # permissions, mostly: one line, not a traceback
+            raise ManifestUnreadable(f"{path}: {exc.strerror or exc}") from None
         size, base_dir, name = file.stat().st_size, file.resolve().parent, file.name
     try:
         # peek() does not consume: the reader starts again at byte 0.
@@ -72,6 +76,15 @@ def open_manifest(path: str, explicit_format: str | None) -> Iterator[ManifestIn
     finally:
         if path != "-":
             stream.close()
+
+
+def _not_a_file(path: str) -> str:
+    file = Path(path)
+    if file.is_dir():
+        return f"{path} is a directory: give a manifest file (.csv or .jsonl) or - for stdin"
+    if file.exists():
+        return f"{path} is not a regular file: give a manifest file (.csv or .jsonl) or -"
+    return f"{path}: no such file"
 
 
 def row_defaults(
@@ -86,8 +99,12 @@ def row_defaults(
 ) -> RowDefaults:
     """The defaults of every row, and where rows may read (the manifest's folder, the
     folders of files given with --set, BGSWAP_LOCAL_ROOTS) and write (``root``: the
-    --output, and BGSWAP_OUTPUT_PREFIXES)."""
+    --output, and BGSWAP_OUTPUT_PREFIXES). A provider named for every row must be usable
+    here: the command fails once rather than every row alike."""
     values = parse_set_options(set_items)
+    provider = check_provider(settings, provider, "--provider")
+    if "provider" in values:
+        values["provider"] = check_provider(settings, values["provider"], "--set provider")
     set_files = [v for k, v in values.items() if k in ("background", "style_reference_images")]
     set_dirs = [Path(p).parent for v in set_files for p in v.split("|") if Path(p).is_absolute()]
     prefixes = [root] if root.startswith("s3://") else []
@@ -96,6 +113,7 @@ def row_defaults(
         values=values,
         provider=provider,
         available_providers=frozenset(available()),
+        missing_keys={n: v for n in available() if (v := missing_key(n, settings)) is not None},
         base_dir=base_dir,
         allow_private_urls=settings.allow_private_urls,
         local_roots=(base_dir, *settings.local_root_list, *set_dirs),
