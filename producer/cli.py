@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,9 +28,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from producer import runner
+from producer import console, infra, preflight, runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.summary import StatusReader
 from worker.errors import ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
@@ -36,11 +39,12 @@ from worker.settings import Settings, load_settings
 from worker.state import TERMINAL_STATES, BatchNotFound, BatchStore
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="Swap product-image backgrounds in bulk.",
 )
 err = Console(stderr=True)
+log = logging.getLogger("bgswap.cli")
 MAX_SHOWN_ERRORS = 50
 
 ProviderOpt = Annotated[
@@ -61,23 +65,56 @@ FormatOpt = Annotated[
     str | None, typer.Option("--format", help="manifest format: csv | jsonl (default: by name)")
 ]
 StrictOpt = Annotated[
-    bool, typer.Option("--strict", help="refuse the whole manifest on any bad row")
+    bool,
+    typer.Option("--strict", help="refuse the whole manifest on any bad row or misspelt column"),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object")]
 
 
 def main() -> None:
     try:
-        app()
+        try:
+            app()
+        except infra.INFRA_ERRORS as exc:
+            # Redis or the broker went away under a command: name it, not a traceback.
+            raise infra.describe(exc, load_settings()) from None
     except (UsageError, ManifestUnreadable) as exc:
-        # One line, however long: scripts read it (soft_wrap: no wrapping at 80 columns).
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
     except BatchNotFound as exc:
-        err.print(f"[red]error:[/red] no batch {exc}", highlight=False)
-        sys.exit(2)
+        _fail(f"no batch {exc}", 2)
     except Unreachable as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(3)
+        _fail(str(exc), 3)
+
+
+def _fail(message: str, code: int) -> None:
+    # One line, however long: scripts read it (soft_wrap: no wrapping at 80 columns).
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bgswap {metadata.version('bgswap')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="only errors and the final result")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="debug logging of bgswap on stderr")
+    ] = False,
+) -> None:
+    """Swap product-image backgrounds in bulk."""
+    if quiet and verbose:
+        raise UsageError("-q and -v contradict each other: give one")
+    console.configure(quiet=quiet, verbose=verbose)
 
 
 def _settings() -> Settings:
@@ -85,24 +122,34 @@ def _settings() -> Settings:
 
 
 class RowReporter:
-    """Prints each rejected row once (up to a limit) while the manifest streams."""
+    """Prints each rejected row once (up to a limit) while the manifest streams, and each
+    column that looks misspelt; keeps the column warnings (--strict, --json)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, warn: bool = True) -> None:
         self.shown = 0
         self.hidden = 0
+        self.warn = warn  # False: the warnings end up in an error (--strict)
+        self.warnings: list[str] = []
 
     def __call__(self, outcome: RowOutcome) -> None:
+        for warning in outcome.warnings:
+            self.warnings.append(warning)
+            if self.warn and console.state.chatty:
+                err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
         for error in outcome.errors:
-            if self.shown < MAX_SHOWN_ERRORS:
+            if self.shown < MAX_SHOWN_ERRORS and console.state.chatty:
                 err.print(
-                    f"[yellow]rejected[/yellow] {error} [dim]({error.code})[/dim]", highlight=False
+                    f"[yellow]rejected[/yellow] {escape(str(error))} [dim]({error.code})[/dim]",
+                    highlight=False,
+                    soft_wrap=True,
                 )
                 self.shown += 1
             else:
                 self.hidden += 1
 
     def close(self) -> None:
-        if self.hidden:
+        if self.hidden and console.state.chatty:
             err.print(f"... and {self.hidden} more errors (see the output manifest)")
 
 
@@ -117,6 +164,7 @@ def _progress(rows: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        disable=not console.state.chatty,
     )
 
 
@@ -131,20 +179,26 @@ def _check_manifest(
     """--strict and --max-cost need the whole manifest before anything is enqueued."""
     if not strict and max_cost is None:
         return
-    report = estimate(
-        read_manifest(manifest.stream, manifest.fmt, defaults), runner.provider_cache(settings)
-    )
+    warnings: list[str] = []
+    outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
+    report = estimate(_noting_warnings(outcomes, warnings), runner.provider_cache(settings))
     manifest.stream.seek(0)
-    if strict and report.rejected:
+    refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
+    if strict and refusal:
         for error in report.errors[:MAX_SHOWN_ERRORS]:
-            err.print(f"[red]invalid[/red] {error} [dim]({error.code})[/dim]", highlight=False)
-        raise UsageError(
-            f"--strict: {report.rejected} of {report.total} rows are invalid; nothing enqueued"
-        )
+            err.print(f"[red]invalid[/red] {escape(str(error))} [dim]({error.code})[/dim]",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+        raise UsageError(f"{refusal}; nothing enqueued")
     if max_cost is not None and report.estimated_cost_usd > max_cost:
         raise UsageError(
             f"estimated cost ${report.estimated_cost_usd:.2f} is above --max-cost ${max_cost:.2f}"
         )
+
+
+def _noting_warnings(outcomes: Iterator[RowOutcome], into: list[str]) -> Iterator[RowOutcome]:
+    for outcome in outcomes:
+        into.extend(outcome.warnings)
+        yield outcome
 
 
 @contextmanager
@@ -195,6 +249,8 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
         _seekable(opened, needs_two_passes) as manifest,
     ):
         defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
+        log.debug("batch %s: %s manifest %s, provider %s, output %s", batch_id, manifest.fmt,
+                  manifest_path, defaults.provider, root)  # fmt: skip
         _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
         runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
@@ -209,6 +265,7 @@ def _enqueue(
     prepared: Prepared,
     args: JobArgs,
 ) -> SubmitReport:
+    infra.check_reachable(settings, celery_app, store)  # exit 3 before a batch exists
     manifest = prepared.manifest
     reporter = RowReporter()
     with _progress(rows=True) as progress:
@@ -234,11 +291,12 @@ def _enqueue(
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
-    err.print(
-        f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
-        f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
-        highlight=False,
-    )
+    if console.state.chatty:
+        err.print(
+            f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
+            f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
+            highlight=False,
+        )
     return report
 
 
@@ -390,73 +448,131 @@ def validate(
     set_: SetOpt = None,
     format: FormatOpt = None,
     show_prompts: Annotated[bool, typer.Option(help="print each row's rendered prompt")] = False,
+    strict: StrictOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Dry run: validate every row, render prompts, estimate cost; enqueue nothing."""
     settings = _settings()
+    console.state.json = as_json
     root = output_root(output or settings.output)
+    prompts: list[dict[str, str]] = []
     with runner.open_manifest(manifest, format) as opened:
         args = JobArgs(provider=provider, prompt=prompt, set_items=tuple(set_ or ()))
         # The batch does not exist: rows without `output` are compared under a stand-in.
         defaults = _defaults(settings, args, opened.base_dir, root, "(batch)")
-        reporter = RowReporter()
+        reporter = RowReporter(warn=not strict)
 
         def rows() -> Iterator[RowOutcome]:
             for outcome in read_manifest(opened.stream, opened.fmt, defaults):
                 reporter(outcome)
                 if show_prompts and outcome.spec is not None:
-                    typer.echo(json.dumps({"id": outcome.spec.id, "prompt": outcome.spec.prompt}))
+                    shown = {"id": outcome.spec.id, "prompt": outcome.spec.prompt}
+                    if as_json:
+                        prompts.append(shown)
+                    else:
+                        typer.echo(json.dumps(shown))
                 yield outcome
 
         report = estimate(rows(), runner.provider_cache(settings))
         reporter.close()
-    err.print(
-        f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
-        f"estimated cost ${report.estimated_cost_usd:.2f}",
-        highlight=False,
-    )
-    raise typer.Exit(0 if report.rejected == 0 else 1)
+    raise typer.Exit(_validate_verdict(report, reporter.warnings, prompts, strict=strict))
+
+
+def _validate_verdict(
+    report: SubmitReport, warnings: list[str], prompts: list[dict[str, str]], *, strict: bool
+) -> int:
+    """Print validate's result; its exit code: 0 all valid, 1 some rejected, and with
+    --strict a refusal (exit 2) for any bad row or misspelt column."""
+    if console.state.json:
+        result = validation_json(report, warnings)
+        if prompts:
+            result["prompts"] = prompts
+        console.print_json(result)
+    else:
+        err.print(
+            f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
+            f"estimated cost ${report.estimated_cost_usd:.2f}",
+            highlight=False,
+        )
+    refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
+    if strict and refusal:
+        raise UsageError(refusal)
+    return 0 if report.rejected == 0 else 1
+
+
+def validation_json(report: SubmitReport, warnings: list[str]) -> dict[str, Any]:
+    """``validate --json``: the counts, the cost estimate and every row error."""
+    return {
+        "total": report.total,
+        "valid": report.valid,
+        "rejected": report.rejected,
+        "estimated_cost_usd": round(report.estimated_cost_usd, 6),
+        "errors": [
+            {"line": e.line, "column": e.column, "code": e.code, "message": e.reason}
+            for e in report.errors
+        ],
+        "warnings": warnings,
+    }
 
 
 @app.command()
 def status(
     batch: Annotated[str, typer.Argument(help="batch id")],
     watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch is done")] = False,
+    as_json: JsonOpt = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between refreshes (--watch)")
+    ] = 2.0,
 ) -> None:
-    """Counts by state, cost so far, rate, ETA."""
+    """Counts by state, cost so far, rate, ETA, failures by error code."""
     settings = _settings()
-    store = BatchStore.from_url(settings.effective_redis_url)
-    while True:
-        meta, counts = store.meta(batch), store.counts(batch)
-        active = counts["running"] + counts["queued"]
-        queue = runner.provider_queue(store, batch) if active else None
-        err.print(_status_table(batch, meta, counts, queue))
-        if not watch or meta.get("status") in ("done", "failed"):
-            return
-        time.sleep(2)
+    console.state.json = as_json
+    reader = StatusReader(BatchStore.from_url(settings.effective_redis_url), batch)
+    if as_json:
+        # --watch: one line per refresh (JSON Lines), the last one when the batch is done.
+        for fields in reader.follow(interval) if watch else [reader.read()]:
+            console.print_json(fields)
+    elif not watch:
+        err.print(_status_view(reader.read()))
+    elif err.is_terminal:
+        with Live(console=err, auto_refresh=False) as live:
+            for fields in reader.follow(interval):
+                live.update(_status_view(fields), refresh=True)
+    else:
+        # Not a terminal (a log, a pipe): no redrawing, one table when the batch is done.
+        last: dict[str, Any] = {}
+        for fields in reader.follow(interval):
+            last = fields
+        err.print(_status_view(last))
 
 
-def _status_table(
-    batch: str, meta: dict[str, str], counts: dict[str, int], queue: tuple[int, int] | None
-) -> Table:
-    total = int(meta.get("total", 0) or 0)
-    done = runner.terminal_count(counts)
-    created = datetime.fromisoformat(meta["created_at"])
-    elapsed = max(1e-3, (datetime.now(UTC) - created).total_seconds())
-    rate = done / elapsed
-    eta = f"{(total - done) / rate:.0f}s" if rate > 0 and meta.get("status") != "done" else "-"
-    table = Table(title=f"batch {batch} ({meta.get('status')})", show_header=False)
+def _status_view(fields: dict[str, Any]) -> RenderableType:
+    table = Table(title=f"batch {fields['batch_id']} ({fields['state']})", show_header=False)
+    counts = fields["counts"]
     for state in ("queued", "running", *TERMINAL_STATES):
         table.add_row(state, str(counts[state]))
-    table.add_row("total", str(total))
-    table.add_row("cost", f"${float(meta.get('cost_usd', 0)):.2f}")
-    if queue is not None:
-        waiting, deepest = queue
-        table.add_row("provider queue", f"{waiting} rows waiting (deepest position {deepest})")
-    table.add_row("rate", f"{rate:.1f} rows/s")
-    table.add_row("eta", eta)
-    if meta.get("manifest_url"):
-        table.add_row("manifest", meta["manifest_url"])
-    return table
+    table.add_row("total", str(counts["total"]))
+    table.add_row("cost", f"${fields['cost_usd']:.2f}")
+    if fields["provider_queue"] is not None:
+        queue = fields["provider_queue"]
+        table.add_row(
+            "provider queue",
+            f"{queue['waiting']} rows waiting (deepest position {queue['deepest_position']})",
+        )
+    table.add_row("rate", f"{fields['rate_rows_per_s']:.1f} rows/s")
+    table.add_row("eta", "-" if fields["eta_s"] is None else f"{fields['eta_s']:.0f}s")
+    if fields["manifest_url"]:
+        table.add_row("manifest", fields["manifest_url"])
+    if fields["error"]:
+        table.add_row("error", fields["error"])
+    if not fields["errors_by_code"]:
+        return table
+    failures = Table(title="failures by code", show_header=True)
+    failures.add_column("code")
+    failures.add_column("count", justify="right")
+    for code, n in fields["errors_by_code"].items():
+        failures.add_row(code, str(n))
+    return Group(table, failures)
 
 
 @app.command()
