@@ -216,7 +216,7 @@ def _seekable(manifest: runner.ManifestInput, needed: bool) -> Iterator[runner.M
 
 @dataclass(frozen=True)
 class JobArgs:
-    """The options run, submit and validate share (SPEC: "Common options")."""
+    """The options run, submit and validate share (README: "Options of run/submit/validate")."""
 
     provider: str | None = None
     output: str | None = None

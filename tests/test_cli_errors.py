@@ -89,6 +89,24 @@ def test_a_broker_apart_from_redis_is_asked_before_a_batch_is_created(
     assert redis_client.keys("bgswap:*") == []  # no batch was created
 
 
+def test_redis_refusing_the_password_exits_2_without_showing_it(
+    shots: Path, redis_client: redis_lib.Redis, redis_url: str
+) -> None:
+    port = redis_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0]
+    redis_client.config_set("requirepass", "the-right-one")
+    try:
+        env = {"BGSWAP_BROKER_URL": f"redis://:wrong-pw@127.0.0.1:{port}/0"}
+        done = bgswap("status", "b1", cwd=shots, env=env)
+    finally:
+        redis_client.config_set("requirepass", "")
+    assert done.returncode == 2, done.stderr
+    line = one_line(done)
+    assert (
+        f"Redis at redis://127.0.0.1:{port}/0 (BGSWAP_BROKER_URL) refused the credentials" in line
+    )
+    assert "wrong-pw" not in line and "the-right-one" not in line
+
+
 # -- providers -----------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import redis as redis_lib
 from test_cli import BGSWAP, GOOD, bgswap
 
 from examples.make_examples import product_shot
-from producer.summary import failures_by_code, status_fields
+from producer.summary import failures_by_code, final_summary, status_fields
 from worker.state import ALL_STATES, BatchStore
 
 # Two rows rejected at validation (no image, a bad preset), two valid.
@@ -155,6 +155,9 @@ def test_status_json_and_failures_by_code(
     assert status["counts"]["queued"] == 2 and status["counts"]["failed"] == 2
     assert status["counts"]["total"] == 4 and status["finished_at"] is None
     assert status["errors_by_code"] == {"input.invalid_enum": 1, "input.missing_field": 1}
+    summary = final_summary(store, "s1", store.meta("s1"))
+    assert summary["outputs"] == f"{shots / 'out'}/s1/" and summary["halted_providers"] == {}
+    assert summary["errors_by_code"] == status["errors_by_code"]
     table = bgswap("status", "s1", cwd=shots, env=broker_env)
     assert "failures by code" in table.stderr
     assert any("input.missing_field" in x and x.rstrip("│ ").endswith("1")
