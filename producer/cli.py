@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -11,11 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,10 +31,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from producer import runner
+from producer import console, infra, preflight, runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.interrupts import Interrupted, Interrupts, interrupts
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.summary import StatusReader, batch_fields, failures_by_code, final_summary
 from worker.errors import BgswapError, ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
@@ -38,11 +43,12 @@ from worker.settings import Settings, load_settings
 from worker.state import TERMINAL_STATES, BatchNotFound, BatchStore
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="Swap product-image backgrounds in bulk.",
 )
 err = Console(stderr=True)
+log = logging.getLogger("bgswap.cli")
 MAX_SHOWN_ERRORS = 50
 
 ProviderOpt = Annotated[
@@ -63,23 +69,65 @@ FormatOpt = Annotated[
     str | None, typer.Option("--format", help="manifest format: csv | jsonl (default: by name)")
 ]
 StrictOpt = Annotated[
-    bool, typer.Option("--strict", help="refuse the whole manifest on any bad row")
+    bool,
+    typer.Option("--strict", help="refuse the whole manifest on any bad row or misspelt column"),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object")]
 
 
 def main() -> None:
     try:
-        app()
+        try:
+            app()
+        except infra.INFRA_ERRORS as exc:
+            # Redis or the broker went away under a command: name it, not a traceback.
+            if _embedded_dirs:
+                raise Unreachable(
+                    f"the embedded Redis in {_embedded_dirs[-1]} (BGSWAP_STATE_DIR) stopped "
+                    f"answering: did the bgswap that ran it end? ({type(exc).__name__})"
+                ) from None
+            raise infra.describe(exc, load_settings()) from None
     except (UsageError, ManifestUnreadable) as exc:
-        # One line, however long: scripts read it (soft_wrap: no wrapping at 80 columns).
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
     except BatchNotFound as exc:
-        err.print(f"[red]error:[/red] no batch {exc}", highlight=False)
-        sys.exit(2)
+        _fail(f"no batch {exc}", 2)
     except Unreachable as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(3)
+        _fail(str(exc), 3)
+    except KeyboardInterrupt:
+        # Ctrl-C where no command handles it (validate, submit, status): no traceback.
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    # One line, however long: scripts read it (soft_wrap: no wrapping at 80 columns).
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bgswap {metadata.version('bgswap')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="only errors and the final result")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="debug logging of bgswap on stderr")
+    ] = False,
+) -> None:
+    """Swap product-image backgrounds in bulk."""
+    if quiet and verbose:
+        raise UsageError("-q and -v contradict each other: give one")
+    console.configure(quiet=quiet, verbose=verbose)
 
 
 def _settings() -> Settings:
@@ -87,24 +135,34 @@ def _settings() -> Settings:
 
 
 class RowReporter:
-    """Prints each rejected row once (up to a limit) while the manifest streams."""
+    """Prints each rejected row once (up to a limit) while the manifest streams, and each
+    column that looks misspelt; keeps the column warnings (--strict, --json)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, warn: bool = True) -> None:
         self.shown = 0
         self.hidden = 0
+        self.warn = warn  # False: the warnings end up in an error (--strict)
+        self.warnings: list[str] = []
 
     def __call__(self, outcome: RowOutcome) -> None:
+        for warning in outcome.warnings:
+            self.warnings.append(warning)
+            if self.warn and console.state.chatty:
+                err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
         for error in outcome.errors:
-            if self.shown < MAX_SHOWN_ERRORS:
+            if self.shown < MAX_SHOWN_ERRORS and console.state.chatty:
                 err.print(
-                    f"[yellow]rejected[/yellow] {error} [dim]({error.code})[/dim]", highlight=False
+                    f"[yellow]rejected[/yellow] {escape(str(error))} [dim]({error.code})[/dim]",
+                    highlight=False,
+                    soft_wrap=True,
                 )
                 self.shown += 1
             else:
                 self.hidden += 1
 
     def close(self) -> None:
-        if self.hidden:
+        if self.hidden and console.state.chatty:
             err.print(f"... and {self.hidden} more errors (see the output manifest)")
 
 
@@ -119,6 +177,7 @@ def _progress(rows: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        disable=not console.state.chatty,
     )
 
 
@@ -133,20 +192,26 @@ def _check_manifest(
     """--strict and --max-cost need the whole manifest before anything is enqueued."""
     if not strict and max_cost is None:
         return
-    report = estimate(
-        read_manifest(manifest.stream, manifest.fmt, defaults), runner.provider_cache(settings)
-    )
+    warnings: list[str] = []
+    outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
+    report = estimate(_noting_warnings(outcomes, warnings), runner.provider_cache(settings))
     manifest.stream.seek(0)
-    if strict and report.rejected:
+    refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
+    if strict and refusal:
         for error in report.errors[:MAX_SHOWN_ERRORS]:
-            err.print(f"[red]invalid[/red] {error} [dim]({error.code})[/dim]", highlight=False)
-        raise UsageError(
-            f"--strict: {report.rejected} of {report.total} rows are invalid; nothing enqueued"
-        )
+            err.print(f"[red]invalid[/red] {escape(str(error))} [dim]({error.code})[/dim]",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+        raise UsageError(f"{refusal}; nothing enqueued")
     if max_cost is not None and report.estimated_cost_usd > max_cost:
         raise UsageError(
             f"estimated cost ${report.estimated_cost_usd:.2f} is above --max-cost ${max_cost:.2f}"
         )
+
+
+def _noting_warnings(outcomes: Iterator[RowOutcome], into: list[str]) -> Iterator[RowOutcome]:
+    for outcome in outcomes:
+        into.extend(outcome.warnings)
+        yield outcome
 
 
 @contextmanager
@@ -164,7 +229,7 @@ def _seekable(manifest: runner.ManifestInput, needed: bool) -> Iterator[runner.M
 
 @dataclass(frozen=True)
 class JobArgs:
-    """The options run, submit and validate share (SPEC: "Common options")."""
+    """The options run, submit and validate share (README: "Options of run/submit/validate")."""
 
     provider: str | None = None
     output: str | None = None
@@ -203,6 +268,8 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
         _seekable(opened, needs_two_passes) as manifest,
     ):
         defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
+        log.debug("batch %s: %s manifest %s, provider %s, output %s", batch_id, manifest.fmt,
+                  manifest_path, defaults.provider, root)  # fmt: skip
         _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
         runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
@@ -220,6 +287,7 @@ def _enqueue(
     stop: Interrupts | None = None,
     resume_from: int | None = None,
 ) -> SubmitReport:
+    infra.check_reachable(settings, celery_app, store)  # exit 3 before a batch exists
     manifest = prepared.manifest
     reporter = RowReporter()
     with _progress(rows=True) as progress:
@@ -249,11 +317,12 @@ def _enqueue(
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
-    err.print(
-        f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
-        f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
-        highlight=False,
-    )
+    if console.state.chatty:
+        err.print(
+            f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
+            f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
+            highlight=False,
+        )
     return report
 
 
@@ -305,6 +374,10 @@ def _wait(store: BatchStore, batch_id: str, stop: Interrupts | None = None) -> d
 
 
 def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
+    """The end of a run: counts, failures by code, where things are (stderr); with
+    --json, the same as one object on stdout."""
+    if console.state.json:
+        console.print_json(final_summary(store, batch_id, meta))
     if meta.get("status") == "failed":
         err.print(f"[red]batch {batch_id} failed:[/red] {meta.get('error')}", highlight=False,
                   soft_wrap=True)  # fmt: skip
@@ -318,6 +391,9 @@ def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
         f"{counts['canceled']} canceled; cost ${float(meta.get('cost_usd', 0)):.2f}",
         highlight=False,
     )
+    if counts["failed"]:
+        codes = ", ".join(f"{c} {n}" for c, n in failures_by_code(store, batch_id).items())
+        err.print(f"failed by code: {codes}", highlight=False, soft_wrap=True)
     for provider, reason in store.halts(batch_id).items():
         err.print(f"[red]{provider} was stopped for this batch:[/red] {reason}", highlight=False)
     err.print(f"outputs:  {out_dir}/", highlight=False)
@@ -337,9 +413,11 @@ def run(
     format: FormatOpt = None,
     strict: StrictOpt = False,
     concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the final summary as JSON")] = False,
 ) -> None:
     """Process a whole manifest on this machine and exit when every row is terminal.
     With --batch-id of a batch that exists (made from the same file), continue it."""
+    console.state.json = as_json
     settings = _settings()
     args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
     with (
@@ -354,9 +432,11 @@ def run(
 def resume(
     batch: Annotated[str, typer.Argument(help="batch id")],
     concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the final summary as JSON")] = False,
 ) -> None:
     """Continue an interrupted batch: terminal rows are kept, rows with a saved provider
     task are polled (not paid again), the rest run."""
+    console.state.json = as_json
     settings = _settings()
     with interrupts() as stop, _backend(settings, runs_rows=True) as backend:
         backend.store.meta(batch)  # BatchNotFound (exit 2) before any worker starts
@@ -376,10 +456,11 @@ class Backend:
 
 @contextmanager
 def _backend(settings: Settings, *, runs_rows: bool) -> Iterator[Backend]:
-    """BGSWAP_BROKER_URL set: its Redis. Unset: the embedded default's server on the
-    state directory, started now if no other bgswap runs it. ``runs_rows``: this command
-    runs an in-process worker, so it must own the server (see producer/embedded.py)."""
-    if settings.broker_url:
+    """BGSWAP_BROKER_URL or BGSWAP_REDIS_URL set: that Redis. Neither: the embedded
+    default's server on the state directory, started now if no other bgswap runs it.
+    ``runs_rows``: this command runs an in-process worker, so it must own the server (see
+    producer/embedded.py)."""
+    if settings.broker_url or settings.redis_url:
         celery_app, store = _connect(settings)
         yield Backend(settings, celery_app, store, embedded=False)
         return
@@ -393,6 +474,7 @@ def _backend(settings: Settings, *, runs_rows: bool) -> Iterator[Backend]:
     )
 
     with durable_redis(state_dir_for(settings.state_dir), need_owner=runs_rows) as server:
+        _embedded_dirs.append(server.state_dir)
         local = settings.model_copy(
             update={"broker_url": broker_url_for(server.url), "redis_url": server.url}
         )
@@ -406,6 +488,10 @@ def _backend(settings: Settings, *, runs_rows: bool) -> Iterator[Backend]:
             yield Backend(local, celery_app, store, embedded=True, owner=server.owner)
         finally:
             store.redis.close()
+
+
+# The embedded servers this process uses (for the one-line error if one goes away).
+_embedded_dirs: list[Path] = []
 
 
 def _now() -> str:
@@ -596,76 +682,134 @@ def validate(
     set_: SetOpt = None,
     format: FormatOpt = None,
     show_prompts: Annotated[bool, typer.Option(help="print each row's rendered prompt")] = False,
+    strict: StrictOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Dry run: validate every row, render prompts, estimate cost; enqueue nothing."""
     settings = _settings()
+    console.state.json = as_json
     root = output_root(output or settings.output)
+    prompts: list[dict[str, str]] = []
     with runner.open_manifest(manifest, format) as opened:
         args = JobArgs(provider=provider, prompt=prompt, set_items=tuple(set_ or ()))
         # The batch does not exist: rows without `output` are compared under a stand-in.
         defaults = _defaults(settings, args, opened.base_dir, root, "(batch)")
-        reporter = RowReporter()
+        reporter = RowReporter(warn=not strict)
 
         def rows() -> Iterator[RowOutcome]:
             for outcome in read_manifest(opened.stream, opened.fmt, defaults):
                 reporter(outcome)
                 if show_prompts and outcome.spec is not None:
-                    typer.echo(json.dumps({"id": outcome.spec.id, "prompt": outcome.spec.prompt}))
+                    shown = {"id": outcome.spec.id, "prompt": outcome.spec.prompt}
+                    if as_json:
+                        prompts.append(shown)
+                    else:
+                        typer.echo(json.dumps(shown))
                 yield outcome
 
         report = estimate(rows(), runner.provider_cache(settings))
         reporter.close()
-    err.print(
-        f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
-        f"estimated cost ${report.estimated_cost_usd:.2f}",
-        highlight=False,
-    )
-    raise typer.Exit(0 if report.rejected == 0 else 1)
+    raise typer.Exit(_validate_verdict(report, reporter.warnings, prompts, strict=strict))
+
+
+def _validate_verdict(
+    report: SubmitReport, warnings: list[str], prompts: list[dict[str, str]], *, strict: bool
+) -> int:
+    """Print validate's result; its exit code: 0 all valid, 1 some rejected, and with
+    --strict a refusal (exit 2) for any bad row or misspelt column."""
+    if console.state.json:
+        result = validation_json(report, warnings)
+        if prompts:
+            result["prompts"] = prompts
+        console.print_json(result)
+    else:
+        err.print(
+            f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
+            f"estimated cost ${report.estimated_cost_usd:.2f}",
+            highlight=False,
+        )
+    refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
+    if strict and refusal:
+        raise UsageError(refusal)
+    return 0 if report.rejected == 0 else 1
+
+
+def validation_json(report: SubmitReport, warnings: list[str]) -> dict[str, Any]:
+    """``validate --json``: the counts, the cost estimate and every row error."""
+    return {
+        "total": report.total,
+        "valid": report.valid,
+        "rejected": report.rejected,
+        "estimated_cost_usd": round(report.estimated_cost_usd, 6),
+        "errors": [
+            {"line": e.line, "column": e.column, "code": e.code, "message": e.reason}
+            for e in report.errors
+        ],
+        "warnings": warnings,
+    }
 
 
 @app.command()
 def status(
     batch: Annotated[str, typer.Argument(help="batch id")],
     watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch is done")] = False,
+    as_json: JsonOpt = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between refreshes (--watch)")
+    ] = 2.0,
 ) -> None:
-    """Counts by state, cost so far, rate, ETA."""
+    """Counts by state, cost so far, rate, ETA, failures by error code."""
+    console.state.json = as_json
     with _backend(_settings(), runs_rows=False) as backend:
-        _show_status(backend.store, batch, watch)
+        _show_status(StatusReader(backend.store, batch), as_json, watch, interval)
 
 
-def _show_status(store: BatchStore, batch: str, watch: bool) -> None:
-    while True:
-        meta, counts = store.meta(batch), store.counts(batch)
-        active = counts["running"] + counts["queued"]
-        queue = runner.provider_queue(store, batch) if active else None
-        err.print(_status_table(batch, meta, counts, queue))
-        if not watch or meta.get("status") in ("done", "failed"):
-            return
-        time.sleep(2)
+def _show_status(reader: StatusReader, as_json: bool, watch: bool, interval: float) -> None:
+    if as_json:
+        # --watch: one line per refresh (JSON Lines), the last one when the batch is done.
+        for fields in reader.follow(interval) if watch else [reader.read()]:
+            console.print_json(fields)
+    elif not watch:
+        err.print(_status_view(reader.read()))
+    elif err.is_terminal:
+        with Live(console=err, auto_refresh=False) as live:
+            for fields in reader.follow(interval):
+                live.update(_status_view(fields), refresh=True)
+    else:
+        # Not a terminal (a log, a pipe): no redrawing, one table when the batch is done.
+        last: dict[str, Any] = {}
+        for fields in reader.follow(interval):
+            last = fields
+        err.print(_status_view(last))
 
 
-def _status_table(
-    batch: str, meta: dict[str, str], counts: dict[str, int], queue: tuple[int, int] | None
-) -> Table:
-    total = int(meta.get("total", 0) or 0)
-    done = runner.terminal_count(counts)
-    created = datetime.fromisoformat(meta["created_at"])
-    elapsed = max(1e-3, (datetime.now(UTC) - created).total_seconds())
-    rate = done / elapsed
-    eta = f"{(total - done) / rate:.0f}s" if rate > 0 and meta.get("status") != "done" else "-"
-    table = Table(title=f"batch {batch} ({meta.get('status')})", show_header=False)
+def _status_view(fields: dict[str, Any]) -> RenderableType:
+    table = Table(title=f"batch {fields['batch_id']} ({fields['state']})", show_header=False)
+    counts = fields["counts"]
     for state in ("queued", "running", *TERMINAL_STATES):
         table.add_row(state, str(counts[state]))
-    table.add_row("total", str(total))
-    table.add_row("cost", f"${float(meta.get('cost_usd', 0)):.2f}")
-    if queue is not None:
-        waiting, deepest = queue
-        table.add_row("provider queue", f"{waiting} rows waiting (deepest position {deepest})")
-    table.add_row("rate", f"{rate:.1f} rows/s")
-    table.add_row("eta", eta)
-    if meta.get("manifest_url"):
-        table.add_row("manifest", meta["manifest_url"])
-    return table
+    table.add_row("total", str(counts["total"]))
+    table.add_row("cost", f"${fields['cost_usd']:.2f}")
+    if fields["provider_queue"] is not None:
+        queue = fields["provider_queue"]
+        table.add_row(
+            "provider queue",
+            f"{queue['waiting']} rows waiting (deepest position {queue['deepest_position']})",
+        )
+    table.add_row("rate", f"{fields['rate_rows_per_s']:.1f} rows/s")
+    table.add_row("eta", "-" if fields["eta_s"] is None else f"{fields['eta_s']:.0f}s")
+    if fields["manifest_url"]:
+        table.add_row("manifest", fields["manifest_url"])
+    if fields["error"]:
+        table.add_row("error", fields["error"])
+    if not fields["errors_by_code"]:
+        return table
+    failures = Table(title="failures by code", show_header=True)
+    failures.add_column("code")
+    failures.add_column("count", justify="right")
+    for code, n in fields["errors_by_code"].items():
+        failures.add_row(code, str(n))
+    return Group(table, failures)
 
 
 @app.command()
@@ -745,7 +889,7 @@ def batches(
 ) -> None:
     """Recent batches with their state, counts and cost."""
     with _backend(_settings(), runs_rows=False) as backend:
-        summaries = [runner.batch_summary(backend.store, b) for b in backend.store.batch_ids(limit)]
+        summaries = [batch_fields(backend.store, b) for b in backend.store.batch_ids(limit)]
     if as_json:
         for summary in summaries:
             typer.echo(json.dumps(summary))

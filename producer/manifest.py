@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import BinaryIO, Literal, NamedTuple
 
+from producer.suggest import column_suggestion, unknown_column_warning
 from producer.validation import (
+    KNOWN_COLUMNS,
     OPTION_PARSERS,
     ROW,
     InvalidField,
@@ -64,6 +66,9 @@ class RowOutcome:
     spec: JobSpec | None  # None iff errors
     errors: tuple[FieldError, ...]
     raw: Mapping[str, str]  # the row's values as text (for the output manifest of a rejected row)
+    # Unknown columns that look like misspelt known ones, each reported on the first row
+    # that has it: "unknown column 'backgroud': did you mean 'background'?"
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -628,9 +633,33 @@ def _collision(
     return None
 
 
+class _UnknownColumns:
+    """Unknown columns close to a known one, each warned about once. JSON Lines keys
+    differ from row to row, so at most ``limit`` distinct names are looked at: memory
+    stays bounded whatever the manifest holds."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def warnings(self, values: Mapping[str, object] | None) -> tuple[str, ...]:
+        if values is None:
+            return ()
+        found: list[str] = []
+        for name in values:
+            if name in KNOWN_COLUMNS or name in self._seen or len(self._seen) >= self._limit:
+                continue
+            self._seen.add(name)
+            suggestion = column_suggestion(name, values)
+            if suggestion is not None:
+                found.append(unknown_column_warning(name, suggestion))
+        return tuple(found)
+
+
 def _outcomes(records: Iterator[_Record], defaults: RowDefaults) -> Iterator[RowOutcome]:
     seen = _SeenIds()
     outputs = _SeenIds()
+    columns = _UnknownColumns()
     for index, record in enumerate(records):
         errors = list(record.errors)
         spec: JobSpec | None = None
@@ -657,6 +686,7 @@ def _outcomes(records: Iterator[_Record], defaults: RowDefaults) -> Iterator[Row
             spec=None if errors else spec,
             errors=tuple(errors),
             raw=record.raw,
+            warnings=columns.warnings(record.values),
         )
 
 

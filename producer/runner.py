@@ -31,12 +31,13 @@ from producer.manifest import (
     detect_format,
     parse_set_options,
 )
+from producer.preflight import check_provider
 from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
 from producer.staging import Stager, needs_staging
 from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError, redact_url
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
-from worker.providers import available, get_provider
+from worker.providers import available, get_provider, missing_key
 from worker.providers.base import Provider
 from worker.settings import Settings
 from worker.state import TERMINAL_STATES, BatchStore
@@ -63,8 +64,11 @@ def open_manifest(path: str, explicit_format: str | None) -> Iterator[ManifestIn
     else:
         file = Path(path)
         if not file.is_file():
-            raise ManifestUnreadable(f"{path}: no such file")
-        stream = file.open("rb")
+            raise ManifestUnreadable(_not_a_file(path))
+        try:
+            stream = file.open("rb")
+        except OSError as exc:  # permissions, mostly: one line, not a traceback
+            raise ManifestUnreadable(f"{path}: {exc.strerror or exc}") from None
         size, base_dir, name = file.stat().st_size, file.resolve().parent, file.name
     try:
         # peek() does not consume: the reader starts again at byte 0.
@@ -73,6 +77,15 @@ def open_manifest(path: str, explicit_format: str | None) -> Iterator[ManifestIn
     finally:
         if path != "-":
             stream.close()
+
+
+def _not_a_file(path: str) -> str:
+    file = Path(path)
+    if file.is_dir():
+        return f"{path} is a directory: give a manifest file (.csv or .jsonl) or - for stdin"
+    if file.exists():
+        return f"{path} is not a regular file: give a manifest file (.csv or .jsonl) or -"
+    return f"{path}: no such file"
 
 
 def row_defaults(
@@ -87,8 +100,12 @@ def row_defaults(
 ) -> RowDefaults:
     """The defaults of every row, and where rows may read (the manifest's folder, the
     folders of files given with --set, BGSWAP_LOCAL_ROOTS) and write (``root``: the
-    --output, and BGSWAP_OUTPUT_PREFIXES)."""
+    --output, and BGSWAP_OUTPUT_PREFIXES). A provider named for every row must be usable
+    here: the command fails once rather than every row alike."""
     values = parse_set_options(set_items)
+    provider = check_provider(settings, provider, "--provider")
+    if "provider" in values:
+        values["provider"] = check_provider(settings, values["provider"], "--set provider")
     set_files = [v for k, v in values.items() if k in ("background", "style_reference_images")]
     set_dirs = [Path(p).parent for v in set_files for p in v.split("|") if Path(p).is_absolute()]
     prefixes = [root] if root.startswith("s3://") else []
@@ -97,6 +114,7 @@ def row_defaults(
         values=values,
         provider=provider,
         available_providers=frozenset(available()),
+        missing_keys={n: v for n in available() if (v := missing_key(n, settings)) is not None},
         base_dir=base_dir,
         allow_private_urls=settings.allow_private_urls,
         local_roots=(base_dir, *settings.local_root_list, *set_dirs),
@@ -235,35 +253,6 @@ def finalize_here(settings: Settings, batch_id: str) -> None:
 
     runtime.configure(settings)
     finalize(batch_id, runtime.get_deps())
-
-
-def batch_state(meta: dict[str, str]) -> str:
-    """The state users see: queued | running | finalizing | done | canceled | failed, and
-    interrupted (the embedded default's run ended before the batch did)."""
-    status = meta.get("status", "")
-    if status == "done":
-        return "canceled" if meta.get("canceled") else "done"
-    if status == "failed":
-        return "failed"
-    if meta.get("interrupted_at"):
-        return "interrupted"
-    if status == "finalizing":
-        return "finalizing"
-    return "queued" if status == "submitting" else "running"
-
-
-def batch_summary(store: BatchStore, batch_id: str) -> dict[str, Any]:
-    meta, counts = store.meta(batch_id), store.counts(batch_id)
-    total = int(meta.get("total") or store.recorded(batch_id))
-    return {
-        "batch_id": batch_id,
-        "state": batch_state(meta),
-        "counts": {"total": total, **counts},
-        "cost_usd": round(float(meta.get("cost_usd", 0)), 6),
-        "created_at": meta.get("created_at"),
-        "finished_at": meta.get("finished_at"),
-        "manifest_url": meta.get("manifest_url"),
-    }
 
 
 def active_memories(store: BatchStore, batch_id: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -73,6 +73,8 @@ class RowDefaults:
     values: Mapping[str, str] = field(default_factory=dict)  # --set NAME=VALUE
     provider: str = "local"  # --provider, used when the row has no provider
     available_providers: frozenset[str] = frozenset({"local"})
+    # Providers whose key is not set here -> the variable that would hold it.
+    missing_keys: Mapping[str, str] = field(default_factory=dict)
     base_dir: Path = Path(".")  # relative local paths resolve against this
     allow_private_urls: bool = False
     # Folders a row's local paths may point into (after symlinks); empty: base_dir alone.
@@ -699,8 +701,15 @@ def _provider(row: _Row) -> tuple[str | None, ProviderCaps | None]:
         available = ", ".join(sorted(row.defaults.available_providers)) or "none"
         row.fail(
             "provider",
-            Codes.PROVIDER_UNAVAILABLE,
+            Codes.INPUT_PROVIDER_UNAVAILABLE,
             f"provider {name} is not available here (available: {available})",
+        )
+    elif name in row.defaults.missing_keys:
+        variable = row.defaults.missing_keys[name]
+        row.fail(
+            "provider",
+            Codes.INPUT_PROVIDER_UNAVAILABLE,
+            f"provider {name} needs {variable}, which is not set here",
         )
     return name, PROVIDER_CAPS[name]
 

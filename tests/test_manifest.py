@@ -403,7 +403,7 @@ def test_provider_values(fmt: Format) -> None:
     error(one(fmt, provider="midjourney"), Codes.INVALID_ENUM, "provider", first_line(fmt))
     d = defaults(available_providers=frozenset({"local"}))
     found = error(
-        one(fmt, d, provider="fal"), Codes.PROVIDER_UNAVAILABLE, "provider", first_line(fmt)
+        one(fmt, d, provider="fal"), Codes.INPUT_PROVIDER_UNAVAILABLE, "provider", first_line(fmt)
     )
     assert "fal" in found.reason
 

@@ -161,7 +161,7 @@ class Codes:
     FIELD_TOO_LARGE = "input.field_too_large"
     UNTERMINATED_QUOTE = "input.unterminated_quote"
     PRIVATE_ADDRESS = "input.private_address"
-    PROVIDER_UNAVAILABLE = "input.provider_unavailable"
+    INPUT_PROVIDER_UNAVAILABLE = "input.provider_unavailable"
     NO_CREDENTIALS = "input.no_credentials"
 
     SOURCE_NOT_FOUND = "source.not_found"

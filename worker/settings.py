@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -218,9 +219,32 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "?"
-        raise UsageError(f"bad setting {name}: {err['msg']}") from None
+        raise UsageError(describe_setting_error(exc.errors()[0])) from None
+
+
+def env_variable(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    info = Settings.model_fields.get(field)
+    if info is None:  # pydantic names an aliased field by its alias
+        return field.upper()
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"BGSWAP_{field.upper()}"
+
+
+def describe_setting_error(error: Mapping[str, Any]) -> str:
+    """One line naming the variable, the value given and what it should be."""
+    loc = error.get("loc") or ()
+    field = str(loc[0]) if loc else "?"
+    variable = env_variable(field)
+    value = error.get("input")
+    if "KEY" in variable or not isinstance(value, str | int | float):
+        shown = ""  # a key never reaches a message; a missing or composite value says nothing
+    else:
+        shown = f"={str(value)[:100]!r}"
+    reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"bad setting {variable}{shown}: {reason[:1].lower()}{reason[1:]}"
 
 
 @cache

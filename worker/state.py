@@ -593,9 +593,17 @@ class BatchStore:
         return requeued
 
     def indices_in_state(self, batch_id: str, state: str) -> Iterator[int]:
-        for field, value in self.redis.hscan_iter(_key(batch_id, "state")):
+        # COUNT 1000: Redis's default of 10 a round trip makes a big batch slow to scan.
+        for field, value in self.redis.hscan_iter(_key(batch_id, "state"), count=1000):
             if value == state:
                 yield int(field)
+
+    def results(self, batch_id: str, indices: Sequence[int]) -> list[dict[str, Any] | None]:
+        """The terminal results of the rows ``indices`` (None for a row without one)."""
+        if not indices:
+            return []
+        raw = self.redis.hmget(_key(batch_id, "result"), [str(i) for i in indices])
+        return [json.loads(value) if value else None for value in raw]
 
     def records(self, batch_id: str, total: int, chunk: int = 500) -> Iterator[RowRecord]:
         """Every row in input order, fetched a chunk at a time (bounded memory)."""

@@ -18,8 +18,20 @@ REGISTRY: dict[str, Callable[[Settings], Provider]] = {
 }
 
 
+# The environment variable each paid provider's key comes from (Settings reads them).
+KEY_VARIABLES: dict[str, str] = {"runware": "RUNWARE_API_KEY", "fal": "FAL_KEY"}
+
+
 def available() -> list[str]:
     return sorted(REGISTRY)
+
+
+def missing_key(name: str, settings: Settings) -> str | None:
+    """The variable a provider's key is missing from here, or None (set, or none needed)."""
+    variable = KEY_VARIABLES.get(name)
+    if variable is None or settings.provider_key(name) is not None:
+        return None
+    return variable
 
 
 def get_provider(name: str, settings: Settings) -> Provider:
