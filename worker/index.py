@@ -25,6 +25,7 @@ log = logging.getLogger("bgswap.index")
 
 ENTRY_MAX_BYTES = 1024 * 1024
 CONTENT_TYPE = "application/json"
+MAX_LOGGED_FAILURES = 3
 
 
 class FingerprintIndex:
@@ -32,6 +33,7 @@ class FingerprintIndex:
         self.storage = storage
         self.root = root.rstrip("/")
         self.remote = self.root.startswith("s3://")
+        self.failures = 0
 
     def present(self) -> bool:
         """Has anything ever been indexed here? One listing (an absent index: no lookups)."""
@@ -52,10 +54,17 @@ class FingerprintIndex:
             if outputs is None or not all(self._still_there(o) for o in outputs):
                 return None
         except (BgswapError, ValueError) as exc:
-            log.warning("index entry %s unreadable (%s): the row runs", fp, _reason(exc))
+            self._unreadable(fp, exc)
             return None
         result: dict[str, Any] = entry
         return result
+
+    def _unreadable(self, fp: str, exc: Exception) -> None:
+        # A storage that fails does so for every row: a few lines say it, not 10,000.
+        self.failures += 1
+        if self.failures <= MAX_LOGGED_FAILURES:
+            more = " (further failures not logged)" if self.failures == MAX_LOGGED_FAILURES else ""
+            log.warning("index entry %s unreadable (%s): the row runs%s", fp, _reason(exc), more)
 
     def _still_there(self, output: dict[str, Any]) -> bool:
         size = self.storage.head(output["url"])
