@@ -29,6 +29,7 @@ from rich.table import Table
 from producer import runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.skips import Skipper
 from worker.errors import ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
@@ -62,6 +63,9 @@ FormatOpt = Annotated[
 ]
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="refuse the whole manifest on any bad row")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="run every row, even those already done at --output")
 ]
 
 
@@ -127,12 +131,15 @@ def _check_manifest(
     *,
     strict: bool,
     max_cost: float | None,
+    skipper: Skipper | None = None,
 ) -> None:
     """--strict and --max-cost need the whole manifest before anything is enqueued."""
     if not strict and max_cost is None:
         return
     report = estimate(
-        read_manifest(manifest.stream, manifest.fmt, defaults), runner.provider_cache(settings)
+        read_manifest(manifest.stream, manifest.fmt, defaults),
+        runner.provider_cache(settings),
+        skipper,
     )
     manifest.stream.seek(0)
     if strict and report.rejected:
@@ -172,6 +179,7 @@ class JobArgs:
     max_cost: float | None = None
     fmt: str | None = None
     strict: bool = False
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,16 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
         _seekable(opened, needs_two_passes) as manifest,
     ):
         defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
-        _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
+        # Rows already done cost nothing: --max-cost looks them up too.
+        skipper = (
+            runner.skipper_for(settings, root, force=args.force)
+            if args.max_cost is not None
+            else None
+        )
+        _check_manifest(
+            settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost,
+            skipper=skipper,
+        )  # fmt: skip
         runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
         outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
@@ -231,12 +248,14 @@ def _enqueue(
             output=args.output or settings.output,
             batch_id=prepared.batch_id,
             on_row=on_row,
+            force=args.force,
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
     err.print(
-        f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
-        f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
+        f"batch [bold]{report.batch_id}[/bold]: {report.valid - report.skipped} rows enqueued, "
+        f"{report.skipped} skipped (already done), {report.rejected} rejected, "
+        f"estimated cost ${report.estimated_cost_usd:.2f}",
         highlight=False,
     )
     return report
@@ -270,7 +289,8 @@ def _wait(store: BatchStore, batch_id: str) -> dict[str, str]:
         def on_progress(counts: dict[str, int], total: int) -> None:
             done = runner.terminal_count(counts)
             detail = (
-                f"ok {counts['succeeded']}  failed {counts['failed']}  running {counts['running']}"
+                f"ok {counts['succeeded']}  skipped {counts['skipped']}  "
+                f"failed {counts['failed']}  running {counts['running']}"
             )
             progress.update(task, total=total or None, completed=done, detail=detail)
 
@@ -287,7 +307,7 @@ def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
     out_dir = f"{meta['output'].rstrip('/')}/{batch_id}"
     err.print(
         f"[bold]{batch_id}[/bold]: {counts['succeeded']}/{total} succeeded, "
-        f"{counts['failed']} failed, {counts['canceled']} canceled; "
+        f"{counts['skipped']} skipped, {counts['failed']} failed, {counts['canceled']} canceled; "
         f"cost ${float(meta.get('cost_usd', 0)):.2f}",
         highlight=False,
     )
@@ -295,7 +315,7 @@ def _summary(store: BatchStore, batch_id: str, meta: dict[str, str]) -> int:
         err.print(f"[red]{provider} was stopped for this batch:[/red] {reason}", highlight=False)
     err.print(f"outputs:  {out_dir}/", highlight=False)
     err.print(f"manifest: {meta.get('manifest_url', '(not written)')}", highlight=False)
-    return 0 if counts["succeeded"] == total else 1
+    return 0 if counts["succeeded"] + counts["skipped"] == total else 1
 
 
 @app.command()
@@ -309,11 +329,14 @@ def run(
     max_cost: MaxCostOpt = None,
     format: FormatOpt = None,
     strict: StrictOpt = False,
+    force: ForceOpt = False,
     concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
 ) -> None:
     """Process a whole manifest on this machine and exit when every row is terminal."""
     settings = _settings()
-    args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
+    args = JobArgs(
+        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force
+    )
     with _prepare(settings, manifest, args) as prepared:
         if settings.broker_url:
             celery_app, store = _connect(settings)
@@ -368,12 +391,15 @@ def submit(
     max_cost: MaxCostOpt = None,
     format: FormatOpt = None,
     strict: StrictOpt = False,
+    force: ForceOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until every row is terminal")] = False,
 ) -> None:
     """Validate and enqueue a manifest; print the batch id."""
     settings = _settings()
     celery_app, store = _connect(settings)
-    args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
+    args = JobArgs(
+        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force
+    )
     with _prepare(settings, manifest, args) as prepared:
         report = _enqueue(settings, celery_app, store, prepared, args)
     typer.echo(report.batch_id)
@@ -390,6 +416,7 @@ def validate(
     set_: SetOpt = None,
     format: FormatOpt = None,
     show_prompts: Annotated[bool, typer.Option(help="print each row's rendered prompt")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Dry run: validate every row, render prompts, estimate cost; enqueue nothing."""
     settings = _settings()
@@ -407,11 +434,13 @@ def validate(
                     typer.echo(json.dumps({"id": outcome.spec.id, "prompt": outcome.spec.prompt}))
                 yield outcome
 
-        report = estimate(rows(), runner.provider_cache(settings))
+        skipper = runner.skipper_for(settings, root, force=force)
+        report = estimate(rows(), runner.provider_cache(settings), skipper)
         reporter.close()
     err.print(
         f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
-        f"estimated cost ${report.estimated_cost_usd:.2f}",
+        f"{report.skipped} would be skipped (already done); "
+        f"estimated cost of the rest ${report.estimated_cost_usd:.2f}",
         highlight=False,
     )
     raise typer.Exit(0 if report.rejected == 0 else 1)
