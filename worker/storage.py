@@ -303,16 +303,15 @@ class Storage:
         Only ``s3://`` keys and local paths: bgswap cannot read through a presigned URL."""
         if reference_scheme(dest) == "s3":
             return self._read_s3(dest, limit)
-        where = str(Path(dest).absolute())
         try:
             with open(dest, "rb") as handle:
                 data = handle.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise StorageUnavailable(Codes.STORAGE_UNAVAILABLE, f"{where}: {exc.strerror}") from exc
+            raise StorageUnavailable(Codes.STORAGE_UNAVAILABLE, f"{dest}: {exc.strerror}") from exc
         if len(data) > limit:
-            raise StorageRejected(Codes.STORAGE_REJECTED, f"{where}: larger than {limit} bytes")
+            raise StorageRejected(Codes.STORAGE_REJECTED, f"{dest}: larger than {limit} bytes")
         return data
 
     def any_under(self, root: str) -> bool:
