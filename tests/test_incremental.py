@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from batching import png
+from batching import bgswap, clean_env, png
 from producer import runner
 from producer.batch import SubmitOptions, SubmitReport, Submitter, estimate, output_root
 from producer.manifest import RowDefaults, read_manifest
@@ -311,3 +311,40 @@ def test_validate_counts_the_rows_it_would_skip_and_the_cost_of_the_rest(
     assert forced.skipped == 0 and forced.estimated_cost_usd == pytest.approx(0.36)
     empty = runner.skipper_for(cat.settings, output_root(str(tmp_path / "nothing-here")))
     assert empty is None  # nothing indexed there: no lookups at all
+
+
+@pytest.mark.slow
+def test_bgswap_run_twice_the_second_run_skips_everything_and_exits_0(
+    tmp_path: Path, files: FileServer
+) -> None:
+    url = files.add("/u.png", png("bottle", 5), "image/png")
+    for n in range(3):
+        (tmp_path / f"r{n}.png").write_bytes(png("box", n))
+    rows = [f"r{n},r{n}.png,prompt {n},TURBO" for n in range(3)] + [f"u,{url},a url,QUALITY"]
+    (tmp_path / "m.csv").write_text(csv(*rows))
+    with FakeRunware(KEY, processing_s=0.05) as fake:
+        env = clean_env(
+            RUNWARE_API_KEY=KEY, RUNWARE_API_URL=fake.url, BGSWAP_ALLOW_PRIVATE_URLS="1",
+            BGSWAP_RUNWARE_POLL_INITIAL_S="0.1", BGSWAP_RUNWARE_POLL_MAX_S="0.2",
+        )  # fmt: skip
+        common = ("--provider", "runware", "--output", "out")
+        first = bgswap("run", "m.csv", *common, "--batch-id", "r1", cwd=tmp_path, env=env)
+        assert first.returncode == 0, first.stderr
+        asked = len(fake.requests)
+        checked = bgswap("validate", "m.csv", *common, cwd=tmp_path, env=env)
+        assert checked.returncode == 0, checked.stderr
+        # the URL row is the worker's to decide: its estimate stays in
+        assert "3 would be skipped" in checked.stderr and "the rest $0.09" in checked.stderr
+        forced_check = bgswap("validate", "m.csv", *common, "--force", cwd=tmp_path, env=env)
+        assert "0 would be skipped" in forced_check.stderr and "$0.18" in forced_check.stderr
+        second = bgswap("run", "m.csv", *common, "--batch-id", "r2", cwd=tmp_path, env=env)
+        assert second.returncode == 0, second.stderr
+        assert "0/4 succeeded, 4 skipped" in second.stderr and "cost $0.00" in second.stderr
+        assert len(fake.requests) == asked
+        forced = bgswap("run", "m.csv", *common, "--force", "--batch-id", "r3",
+                        cwd=tmp_path, env=env)  # fmt: skip
+        assert forced.returncode == 0 and "4/4 succeeded" in forced.stderr, forced.stderr
+        assert len(fake.paid) == 8
+    lines = [json.loads(x) for x in (tmp_path / "out/r2/manifest.jsonl").read_text().splitlines()]
+    assert statuses(lines) == ["skipped"] * 4
+    assert all(o["url"].startswith(str(tmp_path / "out/r1/")) for x in lines for o in x["outputs"])
