@@ -3,7 +3,8 @@
 Rows stream through: a chunk is recorded in Redis and then published, so workers
 start while the producer is still reading, and memory does not grow with the file.
 A rejected row is recorded as terminal (`failed`, with its error) so it still gets
-its line in the output manifest.
+its line in the output manifest; so is a row whose work is already at the output
+location (`skipped`, producer/skips.py), which is neither staged nor published.
 """
 
 from __future__ import annotations

@@ -348,3 +348,33 @@ def test_bgswap_run_twice_the_second_run_skips_everything_and_exits_0(
     lines = [json.loads(x) for x in (tmp_path / "out/r2/manifest.jsonl").read_text().splitlines()]
     assert statuses(lines) == ["skipped"] * 4
     assert all(o["url"].startswith(str(tmp_path / "out/r1/")) for x in lines for o in x["outputs"])
+
+
+def test_an_index_that_cannot_be_written_or_read_never_fails_a_row(
+    catalog: Catalog, tmp_path: Path, fake: FakeRunware, caplog: pytest.LogCaptureFixture
+) -> None:
+    cat = catalog
+    manifest = csv(*(f"r{n},{cat.image(f'r{n}.png', n)},p,TURBO" for n in range(2)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_index").write_text("a file where the index folder should be")
+    _, first = cat.run(manifest, tmp_path / "out", "w1")
+    assert statuses(first) == ["succeeded"] * 2 and len(fake.paid) == 2
+    assert "not indexed" in caplog.text
+    _, second = cat.run(manifest, tmp_path / "out", "w2")  # nothing indexed: both run
+    assert statuses(second) == ["succeeded"] * 2 and len(fake.paid) == 4
+
+
+def test_a_malformed_or_foreign_index_entry_is_a_miss(
+    catalog: Catalog, tmp_path: Path, fake: FakeRunware
+) -> None:
+    cat = catalog
+    manifest = csv(*(f"r{n},{cat.image(f'r{n}.png', n)},p,TURBO" for n in range(3)))
+    cat.run(manifest, tmp_path / "out", "m1")
+    entries = sorted((tmp_path / "out" / "_index").glob("*/*.json"))
+    assert len(entries) == 3
+    entries[0].write_text("{not json")
+    other = json.loads(entries[2].read_text())
+    entries[1].write_text(json.dumps(other))  # another fingerprint's entry under this name
+    _, second = cat.run(manifest, tmp_path / "out", "m2")
+    assert sorted(statuses(second)) == ["skipped", "succeeded", "succeeded"]
+    assert len(fake.paid) == 5
