@@ -60,7 +60,7 @@ class Skipper:
             source = self._digest(spec.image, "image")
             extra = {ref: self._digest(ref, field) for field, ref in references(spec)
                      if by_content(ref)}  # fmt: skip
-        except BgswapError:
+        except (BgswapError, OSError):
             return None  # the row runs, and fails with its own error where it is read
         fp = fingerprint(spec, source, model, extra)
         return Decision(fp, self.index.lookup(fp))
