@@ -13,6 +13,7 @@ BENCHMARKS = (
     "bench.memory",
     "bench.paid_once",
     "bench.image_memory",
+    "bench.skip",
 )
 
 

@@ -3,7 +3,8 @@
 Rows stream through: a chunk is recorded in Redis and then published, so workers
 start while the producer is still reading, and memory does not grow with the file.
 A rejected row is recorded as terminal (`failed`, with its error) so it still gets
-its line in the output manifest.
+its line in the output manifest; so is a row whose work is already at the output
+location (`skipped`, producer/skips.py), which is neither staged nor published.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from producer.manifest import RowDefaults, RowOutcome
+from producer.skips import Decision, Skipper
 from producer.staging import Unstageable
 from producer.validation import KNOWN_COLUMNS
 from worker.errors import FieldError, UsageError
+from worker.fingerprint import skipped_record
 from worker.jobs import Job, JobSpec, safe_id
 from worker.providers.base import Provider
 from worker.state import BatchStore
@@ -66,6 +69,7 @@ class SubmitOptions:
     batch_id: str
     output: str  # from output_root()
     defaults: RowDefaults
+    force: bool = False  # run every row, skip none (workers read it from the batch's meta)
     # Where the manifest came from (its path and sha256), so the batch can be resumed.
     source: dict[str, str] = field(default_factory=dict)
     # Continue a batch whose submission was interrupted: rows below this index are
@@ -79,6 +83,7 @@ class SubmitReport:
     total: int = 0
     valid: int = 0
     rejected: int = 0
+    skipped: int = 0  # valid rows whose work is already in the output location's index
     estimated_cost_usd: float = 0.0
     complete: bool = False  # every row was already terminal when sealed
     errors: list[FieldError] = field(default_factory=list)
@@ -111,19 +116,47 @@ def rejected_record(outcome: RowOutcome, defaults: RowDefaults) -> tuple[str, di
     return json.dumps(record), result
 
 
-def estimate(outcomes: Iterable[RowOutcome], providers: Callable[[str], Provider]) -> SubmitReport:
-    """Dry run: count valid/rejected rows, collect errors, sum the estimated cost."""
-    report = SubmitReport(batch_id="")
+def chunks(outcomes: Iterable[RowOutcome], size: int = CHUNK) -> Iterator[list[RowOutcome]]:
+    chunk: list[RowOutcome] = []
     for outcome in outcomes:
-        report.total += 1
-        if outcome.spec is None:
-            report.rejected += 1
-            report.errors.extend(outcome.errors)
-        else:
+        chunk.append(outcome)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def decisions(chunk: Sequence[RowOutcome], skipper: Skipper | None) -> list[Decision | None]:
+    """The producer's skip decision for each row of a chunk (None: rejected rows, rows it
+    cannot tell, or no index to look in)."""
+    if skipper is None:
+        return [None] * len(chunk)
+    found = iter(skipper.decide([o.spec for o in chunk if o.spec is not None]))
+    return [next(found) if o.spec is not None else None for o in chunk]
+
+
+def estimate(
+    outcomes: Iterable[RowOutcome],
+    providers: Callable[[str], Provider],
+    skipper: Skipper | None = None,
+) -> SubmitReport:
+    """Dry run: count valid/rejected/skipped rows, collect errors, sum the estimated cost
+    of the rows that would run (a row found in ``skipper``'s index costs nothing)."""
+    report = SubmitReport(batch_id="")
+    for chunk in chunks(outcomes):
+        for outcome, decision in zip(chunk, decisions(chunk, skipper), strict=True):
+            report.total += 1
+            if outcome.spec is None:
+                report.rejected += 1
+                report.errors.extend(outcome.errors)
+                continue
             report.valid += 1
-            report.estimated_cost_usd += providers(outcome.spec.provider).estimate_cost(
-                outcome.spec
-            )
+            if decision is not None and decision.entry is not None:
+                report.skipped += 1
+            else:
+                provider = providers(outcome.spec.provider)
+                report.estimated_cost_usd += provider.estimate_cost(outcome.spec)
     return report
 
 
@@ -134,11 +167,13 @@ class Submitter:
         publish: Publish,
         providers: Callable[[str], Provider],
         stage: Stage | None = None,
+        skipper: Skipper | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.providers = providers
         self.stage = stage
+        self.skipper = skipper
 
     def submit(
         self,
@@ -152,18 +187,19 @@ class Submitter:
             self._create(bid, options)
         skip = options.resume_from or 0
         report = SubmitReport(batch_id=bid)
-        chunk: list[RowOutcome] = []
-        for outcome in outcomes:
-            if outcome.index < skip:
-                report.total += 1  # recorded before the interruption
-                continue
-            chunk.append(outcome)
-            if on_row is not None:
-                on_row(outcome)
-            if len(chunk) >= CHUNK:
-                self._flush(chunk, options, report)
-                chunk = []
-        self._flush(chunk, options, report)
+
+        def reported(rows: Iterable[RowOutcome]) -> Iterator[RowOutcome]:
+            for outcome in rows:
+                if outcome.index < skip:
+                    report.total += 1  # recorded before the interruption
+                    continue
+                if on_row is not None:
+                    on_row(outcome)
+                yield outcome
+
+        skipper = None if options.force else self.skipper
+        for chunk in chunks(reported(outcomes)):
+            self._flush(chunk, options, report, skipper)
         report.complete = self.store.seal(bid, report.total)
         return report
 
@@ -177,15 +213,29 @@ class Submitter:
                 {"prompt": options.defaults.prompt, "set": dict(options.defaults.values)}
             ),
         }
+        if options.force:
+            meta["force"] = "1"
         if not self.store.create(bid, meta, datetime.now(UTC).timestamp()):
             raise UsageError(f"batch {bid} already exists: choose another --batch-id")
 
-    def _flush(self, chunk: list[RowOutcome], options: SubmitOptions, report: SubmitReport) -> None:
+    def _flush(
+        self,
+        chunk: list[RowOutcome],
+        options: SubmitOptions,
+        report: SubmitReport,
+        skipper: Skipper | None,
+    ) -> None:
         bid = options.batch_id
         rows: list[tuple[int, str, str, str | None]] = []
         messages: list[tuple[str, str, int]] = []
-        for outcome in chunk:
+        for outcome, decision in zip(chunk, decisions(chunk, skipper), strict=True):
             report.total += 1
+            if decision is not None and decision.entry is not None and outcome.spec is not None:
+                # Its work is done already: terminal now, nothing staged, published or paid.
+                report.valid += 1
+                report.skipped += 1
+                rows.append(self._skipped(outcome, outcome.spec, decision, options))
+                continue
             staged = self._staged(outcome, bid)
             if staged.spec is None:
                 report.rejected += 1
@@ -200,6 +250,7 @@ class Submitter:
                 line=staged.line,
                 spec=spec,
                 dest=row_destination(spec, options.output, bid),
+                fingerprint=decision.fingerprint if decision is not None else None,
             )
             report.valid += 1
             report.estimated_cost_usd += self.providers(spec.provider).estimate_cost(spec)
@@ -210,6 +261,24 @@ class Submitter:
             self.store.add_rows(bid, rows)
         if messages:
             self.publish(messages)
+
+    def _skipped(
+        self, outcome: RowOutcome, spec: JobSpec, decision: Decision, options: SubmitOptions
+    ) -> tuple[int, str, str, str]:
+        assert decision.entry is not None
+        bid = options.batch_id
+        job = Job(
+            batch_id=bid,
+            index=outcome.index,
+            line=outcome.line,
+            spec=spec,
+            dest=row_destination(spec, options.output, bid),
+            fingerprint=decision.fingerprint,
+        )
+        model = self.providers(spec.provider).model
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        result = skipped_record(decision.entry, spec, decision.fingerprint, model, now)
+        return (outcome.index, job.model_dump_json(), "skipped", json.dumps(result))
 
     def _staged(self, outcome: RowOutcome, batch_id: str) -> RowOutcome:
         """The row with its local files staged, or refused for a file that cannot be."""

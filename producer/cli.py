@@ -35,6 +35,7 @@ from producer import console, infra, preflight, runner
 from producer.batch import SubmitReport, check_batch_id, estimate, new_batch_id, output_root
 from producer.interrupts import Interrupted, Interrupts, interrupts
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.skips import Skipper
 from producer.summary import StatusReader, batch_fields, failures_by_code, final_summary
 from worker.errors import BgswapError, ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
@@ -73,6 +74,9 @@ StrictOpt = Annotated[
     typer.Option("--strict", help="refuse the whole manifest on any bad row or misspelt column"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="run every row, even those already done at --output")
+]
 
 
 def main() -> None:
@@ -188,13 +192,16 @@ def _check_manifest(
     *,
     strict: bool,
     max_cost: float | None,
+    skipper: Skipper | None = None,
 ) -> None:
     """--strict and --max-cost need the whole manifest before anything is enqueued."""
     if not strict and max_cost is None:
         return
     warnings: list[str] = []
     outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
-    report = estimate(_noting_warnings(outcomes, warnings), runner.provider_cache(settings))
+    report = estimate(
+        _noting_warnings(outcomes, warnings), runner.provider_cache(settings), skipper
+    )
     manifest.stream.seek(0)
     refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
     if strict and refusal:
@@ -239,6 +246,7 @@ class JobArgs:
     max_cost: float | None = None
     fmt: str | None = None
     strict: bool = False
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,7 +278,16 @@ def _prepare(settings: Settings, manifest_path: str, args: JobArgs) -> Iterator[
         defaults = _defaults(settings, args, manifest.base_dir, root, batch_id)
         log.debug("batch %s: %s manifest %s, provider %s, output %s", batch_id, manifest.fmt,
                   manifest_path, defaults.provider, root)  # fmt: skip
-        _check_manifest(settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost)
+        # Rows already done cost nothing: --max-cost looks them up too.
+        skipper = (
+            runner.skipper_for(settings, root, force=args.force)
+            if args.max_cost is not None
+            else None
+        )
+        _check_manifest(
+            settings, manifest, defaults, strict=args.strict, max_cost=args.max_cost,
+            skipper=skipper,
+        )  # fmt: skip
         runner.probe_destinations(settings, root, batch_id)
         # read_manifest reads the header now: an unreadable file fails here (exit 2).
         outcomes = read_manifest(manifest.stream, manifest.fmt, defaults)
@@ -314,13 +331,15 @@ def _enqueue(
             on_row=on_row,
             source=prepared.source,
             resume_from=resume_from,
+            force=args.force,
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
     if console.state.chatty:
         err.print(
-            f"batch [bold]{report.batch_id}[/bold]: {report.valid} rows enqueued, "
-            f"{report.rejected} rejected, estimated cost ${report.estimated_cost_usd:.2f}",
+            f"batch [bold]{report.batch_id}[/bold]: {report.valid - report.skipped} rows "
+            f"enqueued, {report.skipped} skipped (already done), {report.rejected} rejected, "
+            f"estimated cost ${report.estimated_cost_usd:.2f}",
             highlight=False,
         )
     return report
@@ -412,6 +431,7 @@ def run(
     max_cost: MaxCostOpt = None,
     format: FormatOpt = None,
     strict: StrictOpt = False,
+    force: ForceOpt = False,
     concurrency: Annotated[int | None, typer.Option(help="embedded worker threads")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the final summary as JSON")] = False,
 ) -> None:
@@ -419,7 +439,9 @@ def run(
     With --batch-id of a batch that exists (made from the same file), continue it."""
     console.state.json = as_json
     settings = _settings()
-    args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
+    args = JobArgs(
+        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force
+    )
     with (
         interrupts() as stop,
         _prepare(settings, manifest, args) as prepared,
@@ -613,6 +635,7 @@ def _reopen(
         set_items=tuple(f"{k}={v}" for k, v in (options.get("set") or {}).items()),
         batch_id=batch_id,
         fmt=meta.get("format"),
+        force=meta.get("force") == "1",
     )
     with _prepare(settings, path, args) as reopened:
         yield reopened
@@ -660,12 +683,15 @@ def submit(
     max_cost: MaxCostOpt = None,
     format: FormatOpt = None,
     strict: StrictOpt = False,
+    force: ForceOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until every row is terminal")] = False,
 ) -> None:
     """Validate and enqueue a manifest; print the batch id."""
     settings = _settings()
     celery_app, store = _connect(settings)
-    args = JobArgs(provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict)
+    args = JobArgs(
+        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force
+    )
     with _prepare(settings, manifest, args) as prepared:
         report = _enqueue(settings, celery_app, store, prepared, args)
     typer.echo(report.batch_id)
@@ -684,6 +710,7 @@ def validate(
     show_prompts: Annotated[bool, typer.Option(help="print each row's rendered prompt")] = False,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Dry run: validate every row, render prompts, estimate cost; enqueue nothing."""
     settings = _settings()
@@ -707,7 +734,8 @@ def validate(
                         typer.echo(json.dumps(shown))
                 yield outcome
 
-        report = estimate(rows(), runner.provider_cache(settings))
+        skipper = runner.skipper_for(settings, root, force=force)
+        report = estimate(rows(), runner.provider_cache(settings), skipper)
         reporter.close()
     raise typer.Exit(_validate_verdict(report, reporter.warnings, prompts, strict=strict))
 
@@ -725,7 +753,8 @@ def _validate_verdict(
     else:
         err.print(
             f"{report.total} rows: {report.valid} valid, {report.rejected} rejected; "
-            f"estimated cost ${report.estimated_cost_usd:.2f}",
+            f"{report.skipped} would be skipped (already done); "
+            f"estimated cost of the rest ${report.estimated_cost_usd:.2f}",
             highlight=False,
         )
     refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
@@ -740,6 +769,7 @@ def validation_json(report: SubmitReport, warnings: list[str]) -> dict[str, Any]
         "total": report.total,
         "valid": report.valid,
         "rejected": report.rejected,
+        "skipped": report.skipped,
         "estimated_cost_usd": round(report.estimated_cost_usd, 6),
         "errors": [
             {"line": e.line, "column": e.column, "code": e.code, "message": e.reason}

@@ -34,8 +34,10 @@ from producer.manifest import (
 from producer.preflight import check_provider
 from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
+from producer.skips import Skipper
 from producer.staging import Stager, needs_staging
 from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError, redact_url
+from worker.index import FingerprintIndex
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
 from worker.providers import available, get_provider, missing_key
 from worker.providers.base import Provider
@@ -164,6 +166,25 @@ def enqueue_finalize(app: Any, batch_id: str) -> None:
     app.send_task(TASK_FINALIZE_BATCH, args=(batch_id,), task_id=finalize_task_id(batch_id))
 
 
+def skipper_for(
+    settings: Settings,
+    root: str,
+    *,
+    force: bool = False,
+    storage: Storage | None = None,
+    providers: Callable[[str], Provider] | None = None,
+) -> Skipper | None:
+    """What looks rows up in the index under ``root`` (an output root); None with
+    ``force``, or when nothing was ever indexed there (one listing: a first run pays no
+    lookups)."""
+    if force:
+        return None
+    index = FingerprintIndex(storage or Storage(settings), root)
+    if not index.present():
+        return None
+    return Skipper(index, providers or provider_cache(settings), settings.max_source_bytes)
+
+
 def submit_manifest(
     settings: Settings,
     app: Any,
@@ -174,20 +195,28 @@ def submit_manifest(
     output: str,
     batch_id: str | None,
     on_row: Callable[[RowOutcome], None] | None = None,
+    force: bool = False,
     source: dict[str, str] | None = None,
     resume_from: int | None = None,
 ) -> SubmitReport:
     root = output_root(output)
-    stage = Stager(Storage(settings), root, settings) if needs_staging(root) else None
-    submitter = Submitter(store, bulk_publisher(app), provider_cache(settings), stage)
+    storage = Storage(settings)
+    providers = provider_cache(settings)
+    stage = Stager(storage, root, settings) if needs_staging(root) else None
+    skipper = skipper_for(settings, root, force=force, storage=storage, providers=providers)
+    submitter = Submitter(store, bulk_publisher(app), providers, stage, skipper)
     options = SubmitOptions(
         batch_id=batch_id or new_batch_id(),
         output=root,
         defaults=defaults,
+        force=force,
         source=source or {},
         resume_from=resume_from,
     )
-    report = submitter.submit(outcomes, options, on_row=on_row)
+    try:
+        report = submitter.submit(outcomes, options, on_row=on_row)
+    finally:
+        storage.close()
     if report.complete:
         enqueue_finalize(app, report.batch_id)
     return report

@@ -87,7 +87,8 @@ def test_the_api_key_never_reaches_redis_logs_or_the_manifest(
         submit_and_deliver(
             settings, "runware", f"id,image,prompt\na,{url},p\nb,{url},p\n", tmp_path, "s1"
         )
-        submit_and_deliver(settings, "runware", f"id,image,prompt\na,{url},p\n", tmp_path, "s2")
+        # another prompt: the same row again would be skipped (the work is in the index)
+        submit_and_deliver(settings, "runware", f"id,image,prompt\na,{url},q\n", tmp_path, "s2")
         assert len(fake.paid) == 3  # three rows, each paid once
     everything = redis_values(redis_client)
     assert everything and KEY not in everything

@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import hashlib
 import os
 import stat
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -339,6 +341,20 @@ def decode_data_uri(ref: str, where: str, limit: int) -> bytes:
 
 def read_local(path: str, where: str, limit: int) -> bytes:
     """A regular file's bytes, capped; FIFOs and devices are refused, not read forever."""
+    chunks: list[bytes] = []
+    _read_local(path, where, limit, chunks.append)
+    return b"".join(chunks)
+
+
+def digest_local(path: str, where: str, limit: int) -> str:
+    """The sha256 of a regular file, streamed (never held whole), within the same cap and
+    refusals as ``read_local``."""
+    digest = hashlib.sha256()
+    _read_local(path, where, limit, digest.update)
+    return digest.hexdigest()
+
+
+def _read_local(path: str, where: str, limit: int, sink: Callable[[bytes], object]) -> None:
     try:
         # O_NONBLOCK: opening a FIFO must not hang the worker before we can refuse it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -354,21 +370,18 @@ def read_local(path: str, where: str, limit: int) -> bytes:
             raise SourceRejected(Codes.SOURCE_NOT_FOUND, f"{where}: not a regular file")
         if info.st_size > limit:
             raise _too_large(where, limit)
-        data = _read_at_most(fd, limit + 1)
+        if _read_at_most(fd, limit + 1, sink) > limit:
+            raise _too_large(where, limit)
     finally:
         os.close(fd)
-    if len(data) > limit:
-        raise _too_large(where, limit)
-    return data
 
 
-def _read_at_most(fd: int, size: int) -> bytes:
-    chunks: list[bytes] = []
+def _read_at_most(fd: int, size: int, sink: Callable[[bytes], object]) -> int:
     left = size
     while left > 0:
         chunk = os.read(fd, min(left, 1024 * 1024))
         if not chunk:
             break
-        chunks.append(chunk)
+        sink(chunk)
         left -= len(chunk)
-    return b"".join(chunks)
+    return size - left

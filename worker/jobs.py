@@ -133,6 +133,9 @@ class Job(BaseModel):
     spec: JobSpec
     # Destination base without extension: ``s3://b/k``, a presigned URL, or a local path.
     dest: str
+    # The row's fingerprint when the producer found it (worker/fingerprint.py): the
+    # producer looked it up already, and the worker indexes the row under it.
+    fingerprint: str | None = None
 
     @property
     def job_id(self) -> str:

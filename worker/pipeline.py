@@ -38,6 +38,7 @@ from worker.errors import (
     RowCanceled,
 )
 from worker.hold import Hold, HoldLost, Stale
+from worker.incremental import Incremental
 from worker.jobs import Job
 from worker.limits import Deferred, ProviderLimits, RowLimits
 from worker.policy import retry_delay
@@ -75,9 +76,11 @@ class Deps:
     local: LocalRows | None = None
     flags: BatchFlags = field(init=False)
     image_budget: int = field(init=False)
+    incremental: Incremental = field(init=False)
 
     def __post_init__(self) -> None:
         self.flags = BatchFlags(self.store)
+        self.incremental = Incremental(self.store, self.storage)
         self.image_budget = self.settings.image_memory_budget  # reads /sys once
 
     # A provider's global limits (worker/limits.py), None for free providers.
@@ -210,18 +213,26 @@ class BatchFlags:
 
 def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
     """One step of the provider; when it is done, store every output and return the
-    row's success record, else how long the row should wait."""
+    row's success record, else how long the row should wait. A row whose work is in the
+    output location's index already returns its ``skipped`` record instead."""
     provider = deps.provider(job.spec.provider)
+    memory = RowMemory(deps.store, hold, deps.local)
+    before = deps.incremental.before_step(
+        job, provider.model, lambda: not memory.load(), deps.fetch,
+        now=deps.now(), keep=not provider.cpu_bound,
+    )  # fmt: skip
+    if before.skipped is not None:
+        return before.skipped
     halted = deps.flags.halted(job.batch_id, provider.name)
     if halted is not None:
         # One clear failure per row, and not one more paid request.
         raise PermanentError(Codes.PROVIDER_HALTED, f"{provider.name} stopped: {halted}")
     limits = deps.limits(provider.name)
     ctx = ProviderContext(
-        fetch=deps.fetch,
+        fetch=before.fetch,
         max_image_pixels=deps.settings.max_image_pixels,
         image_budget=deps.image_budget,
-        memory=RowMemory(deps.store, hold, deps.local),
+        memory=memory,
         storage=deps.storage,
         canceled=lambda: deps.flags.canceled(job.batch_id),
         limits=RowLimits(limits, job.job_id) if limits else None,
@@ -242,7 +253,8 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
         # Another process has the row now: its results are that process's to write.
         raise Stale(f"row {job.job_id}: taken over before its results were stored")
     hold.renewed(sent_at)
-    return {
+    fp = deps.incremental.fingerprint_of(job, before)
+    record = {
         "status": "succeeded",
         "provider": provider.name,
         "model": provider.model,
@@ -251,7 +263,11 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
         "cost_usd": outcome.cost_usd,
         "provider_task_id": outcome.provider_task_id,
         "error": None,
+        "fingerprint": fp,
     }
+    # Before the terminal record: the index is complete once the batch is done.
+    deps.incremental.record(job, record, fp)
+    return record
 
 
 def store_outputs(

@@ -15,6 +15,8 @@ Lua scripts below may touch all of them atomically):
     bgswap:{B}:lease     hash  index -> token of the worker process holding the row
     bgswap:{B}:due       zset  index -> when that hold lapses (ms, Redis clock)
     bgswap:{B}:epoch     hash  index -> fencing token: +1 each time the row changes hands
+    bgswap:{B}:fingerprint hash index -> the row's fingerprint, found by its worker before
+                               a provider that may finish it in a later step (incremental)
     bgswap:batches       zset  batch id by creation time
     bgswap:live          set   batches not yet done (what the watchdog looks at)
 
@@ -565,6 +567,15 @@ class BatchStore:
         keys = [_key(batch_id, "epoch"), _key(batch_id, "provider"), _key(batch_id, "due")]
         args: list[str | int] = [index, epoch, based_on, memory, int(lease_s * 1000)]
         return SaveVerdict(self._save(keys=keys, args=args))
+
+    def save_fingerprint(self, batch_id: str, index: int, fp: str) -> None:
+        """Unfenced: a fingerprint is derived from the row's inputs, not a decision of its
+        holder; a stale holder writing one does no harm."""
+        self.redis.hset(_key(batch_id, "fingerprint"), str(index), fp)
+
+    def fingerprint(self, batch_id: str, index: int) -> str | None:
+        value: str | None = self.redis.hget(_key(batch_id, "fingerprint"), str(index))
+        return value
 
     def is_canceled(self, batch_id: str) -> bool:
         return bool(self.redis.hget(_key(batch_id, "meta"), "canceled"))

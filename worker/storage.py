@@ -298,6 +298,67 @@ class Storage:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def read_small(self, dest: str, limit: int) -> bytes | None:
+        """The bytes of a small object bgswap wrote (an index entry), None if there is none.
+        Only ``s3://`` keys and local paths: bgswap cannot read through a presigned URL."""
+        if reference_scheme(dest) == "s3":
+            return self._read_s3(dest, limit)
+        try:
+            with open(dest, "rb") as handle:
+                data = handle.read(limit + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageUnavailable(Codes.STORAGE_UNAVAILABLE, f"{dest}: {exc.strerror}") from exc
+        if len(data) > limit:
+            raise StorageRejected(Codes.STORAGE_REJECTED, f"{dest}: larger than {limit} bytes")
+        return data
+
+    def any_under(self, root: str) -> bool:
+        """Is there anything under ``root`` (an ``s3://`` prefix or a folder)? One listing."""
+        if reference_scheme(root) == "s3":
+            bucket, _, prefix = root[5:].partition("/")
+            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+            try:
+                listed = self._s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageUnavailable(
+                    Codes.STORAGE_UNAVAILABLE, f"s3://{bucket}/{prefix}: cannot list"
+                ) from exc
+            return bool(listed.get("KeyCount", 0))
+        try:
+            with os.scandir(root) as entries:
+                return any(True for _ in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise StorageUnavailable(Codes.STORAGE_UNAVAILABLE, f"{root}: {exc.strerror}") from exc
+
+    def _read_s3(self, dest: str, limit: int) -> bytes | None:
+        bucket, key = _s3_parts(dest)
+        where = f"s3://{bucket}/{key}"
+        try:
+            obj = self._s3.get_object(Bucket=bucket, Key=key)
+            body = obj["Body"]
+            try:
+                data = body.read(limit + 1)
+            finally:
+                body.close()
+        except ClientError as exc:
+            code, status = s3_error_code(exc)
+            if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+                return None
+            raise StorageUnavailable(
+                Codes.STORAGE_UNAVAILABLE, f"{where}: S3 {code or status}"
+            ) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(
+                Codes.STORAGE_UNAVAILABLE, f"{where}: {type(exc).__name__}"
+            ) from exc
+        if len(data) > limit:
+            raise StorageRejected(Codes.STORAGE_REJECTED, f"{where}: larger than {limit} bytes")
+        return data
+
     def _store(self, dest: str, body: _Body, content_type: str) -> StoredObject:
         scheme = reference_scheme(dest)
         if scheme == "s3":
