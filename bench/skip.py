@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         manifest = write_catalog(work, rows)
         out = work / "out"
-        env = env_for(fake)
+        # The embedded default's durable state of its own, not the user's.
+        env = {**env_for(fake), "BGSWAP_STATE_DIR": str(work / "state")}
         asked0 = fake.stats()["requests"]
         first_s = bgswap_run(manifest, out, "nightly-1", env)
         asked1 = fake.stats()["requests"]

@@ -48,7 +48,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Swap product-image backgrounds in bulk.",
 )
-err = Console(stderr=True)
+# soft_wrap: a line is one line however long (scripts and logs read them whole).
+err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("bgswap.cli")
 MAX_SHOWN_ERRORS = 50
 
@@ -756,6 +757,7 @@ def _validate_verdict(
             f"{report.skipped} would be skipped (already done); "
             f"estimated cost of the rest ${report.estimated_cost_usd:.2f}",
             highlight=False,
+            soft_wrap=True,
         )
     refusal = preflight.strict_refusal(report.rejected, report.total, warnings)
     if strict and refusal:

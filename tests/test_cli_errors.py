@@ -170,7 +170,8 @@ def test_a_misspelt_column_is_a_warning_once_and_an_error_with_strict(
     assert strict.returncode == 2, strict.stderr
     # validate reports its counts, then refuses: the warning is said once, in the error
     assert strict.stderr.strip().splitlines() == [
-        "2 rows: 2 valid, 0 rejected; estimated cost $0.00",
+        "2 rows: 2 valid, 0 rejected; 0 would be skipped (already done); "
+        "estimated cost of the rest $0.00",
         refusal,
     ]
     strict = bgswap("run", "m.csv", "--strict", *RUN_ARGS, cwd=shots)

@@ -76,7 +76,8 @@ def test_quiet_says_only_errors_and_the_result(shots: Path, broker_env: dict[str
     quiet = bgswap("-q", "validate", "m.csv", cwd=shots)
     assert quiet.returncode == 1
     assert quiet.stderr.strip().splitlines() == [
-        "4 rows: 2 valid, 2 rejected; estimated cost $0.00"
+        "4 rows: 2 valid, 2 rejected; 0 would be skipped (already done); "
+        "estimated cost of the rest $0.00"
     ]
     done = bgswap("--quiet", "submit", "m.csv", "--batch-id", "q1", "--output", "out", cwd=shots,
                   env=broker_env)  # fmt: skip
