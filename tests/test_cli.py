@@ -137,10 +137,18 @@ def test_run_embedded_from_stdin_with_defaults_exits_1_when_a_row_fails(shots: P
         "out",
         "--batch-id",
         "stdin1",
+        "--json",
         cwd=shots,
         stdin=jsonl,
     )
     assert done.returncode == 1, done.stderr
+    # The end of the run: failures by code on stderr, the summary as JSON on stdout.
+    assert "failed by code: input.file_not_found 1" in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["batch_id"] == "stdin1" and summary["state"] == "done"
+    assert summary["counts"]["succeeded"] == 2 and summary["counts"]["failed"] == 1
+    assert summary["errors_by_code"] == {"input.file_not_found": 1}
+    assert "process" not in done.stderr  # --json: no progress bars
     lines = [json.loads(x) for x in (shots / "out/stdin1/manifest.jsonl").read_text().splitlines()]
     assert [(x["id"], x["status"]) for x in lines] == [
         ("a", "succeeded"),

@@ -74,6 +74,8 @@ def test_a_run_s_batch_stays_for_status_results_and_batches(tmp_path: Path) -> N
     env = clean_env()
     done = bgswap("run", "m.csv", "--output", "out", "--batch-id", "d1", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
+    progress = next(x for x in done.stderr.splitlines() if x.startswith("process"))
+    assert "local" in progress and "rows/s" in progress and "$0.00" in progress
     assert servers_of(state_dir()) == []  # the run's server ended with it
     status = bgswap("status", "d1", cwd=tmp_path, env=env)
     assert status.returncode == 0, status.stderr
