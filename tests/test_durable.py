@@ -17,6 +17,7 @@ import pytest
 import redis as redis_lib
 
 from batching import BIN, bgswap, clean_env, manifest_lines, png, start_worker
+from faults import wait_until
 from producer import runner
 from producer.embedded import state_dir_for
 from servers.files import FileServer
@@ -51,14 +52,6 @@ def servers_of(state: Path) -> list[int]:
         if b"redis-server" in cmdline and str(state).encode() in cmdline and not zombie:
             pids.append(int(proc.name))
     return pids
-
-
-def wait_until(check: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def local_manifest(tmp_path: Path, rows: int = 3) -> None:

@@ -15,6 +15,7 @@ import redis as redis_lib
 
 from batching import bgswap, clean_env, manifest_lines, png, start_worker
 from bench.common import free_port
+from faults import wait_until
 from producer import runner
 from producer.embedded import find_redis_server
 from servers.files import FileServer
@@ -45,14 +46,6 @@ def runware_env(fake: FakeRunware, broker: str) -> dict[str, str]:
         BGSWAP_ALLOW_PRIVATE_URLS="1", BGSWAP_RUNWARE_POLL_INITIAL_S="0.3",
         BGSWAP_RUNWARE_POLL_MAX_S="0.5", BGSWAP_RETRY_BASE_S="0.2",
     )  # fmt: skip
-
-
-def wait_until(check: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def assert_paid_once(fake: FakeRunware, lines: list[dict[str, object]]) -> None:
