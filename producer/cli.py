@@ -583,14 +583,15 @@ def _continue(
     taken = store.take_back(batch_id) if backend.embedded else 0
     queued = runner.republish_queued(backend.celery_app, store, batch_id)
     done = runner.terminal_count(store.counts(batch_id))
+    taken_note = f" ({taken} taken back from an ended run)" if taken else ""
     err.print(
-        f"resuming batch [bold]{batch_id}[/bold]: {done} rows done, {queued} to run "
-        f"({taken} taken back from an ended run)",
+        f"resuming batch [bold]{batch_id}[/bold]: {done} rows done, {queued} to run{taken_note}",
         highlight=False,
     )
     if meta.get("status") == "submitting":  # the manifest was not read to its end
+        args = JobArgs(force=meta.get("force") == "1")  # the batch keeps its --force
         with _reopen(backend.settings, batch_id, meta, prepared) as reopened:
-            _enqueue(backend.settings, backend.celery_app, store, reopened, JobArgs(), stop,
+            _enqueue(backend.settings, backend.celery_app, store, reopened, args, stop,
                      resume_from=store.recorded(batch_id))  # fmt: skip
     elif meta.get("status") == "finalizing":
         runner.enqueue_finalize(backend.celery_app, batch_id)

@@ -81,6 +81,8 @@ def test_a_run_s_batch_stays_for_status_results_and_batches(tmp_path: Path) -> N
     assert summary["counts"]["succeeded"] == 3 and summary["counts"]["total"] == 3
     assert servers_of(state_dir()) == []  # started on demand, ended with the command
     assert bgswap("status", "nope", cwd=tmp_path, env=env).returncode == 2
+    unknown = bgswap("resume", "nope", cwd=tmp_path, env=env)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: no batch nope"
 
 
 def test_run_with_the_id_of_a_finished_batch_from_another_manifest_is_refused(
