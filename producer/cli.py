@@ -962,7 +962,8 @@ def schedules(
                  "last skip"):  # fmt: skip
         table.add_column(name, no_wrap=True)
     for r in rows:
-        when = r["cron"] or f"every {r['every_s']}s"
+        n = r["every_s"] or 0
+        when = r["cron"] or (f"every {n // 60}m" if n % 60 == 0 else f"every {n}s")
         table.add_row(
             r["name"], r["kind"], when, r["timezone"], r["next_run"][:19].replace("T", " "),
             r["last_batch"] or "-", r["last_batch_state"] or "-", r["last_skip_reason"] or "-",

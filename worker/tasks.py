@@ -9,7 +9,7 @@ from celery.signals import beat_init, worker_process_shutdown, worker_ready, wor
 from kombu.exceptions import ChannelError
 
 from worker.celery_app import QUEUE, app
-from worker.errors import BgswapError
+from worker.errors import BgswapError, UsageError
 from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
 from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
@@ -53,7 +53,10 @@ def tick(path: str) -> None:
     from producer.scheduler import tick as fire_due  # noqa: PLC0415 - producer code, lazily
 
     deps = get_deps()
-    fire_due(deps.settings, app, deps.store, str(deps.settings.schedules or path))
+    try:
+        fire_due(deps.settings, app, deps.store, str(deps.settings.schedules or path))
+    except UsageError as exc:  # a bad schedule file: one line a tick, no traceback
+        logging.getLogger("bgswap.scheduler").error("%s", exc)
 
 
 @beat_init.connect  # type: ignore[untyped-decorator]
