@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -64,6 +65,23 @@ class ScheduleLog:
     def take(self, name: str, identity: str) -> bool:
         key = f"{PREFIX}:{name}:taken:{identity}"
         return bool(self.redis.set(key, "1", nx=True, ex=TAKEN_TTL_S))
+
+    @contextmanager
+    def deciding(self, name: str, wait_s: float = 10.0) -> Iterator[None]:
+        """Serialize one schedule's "is its previous batch still running? then this one
+        is" (two slots' ticks at once, on two workers): a short lock, held for
+        milliseconds, never for the submission."""
+        key, token = f"{PREFIX}:{name}:deciding", uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        while not self.redis.set(key, token, nx=True, ex=30):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"schedule {name}: another tick held its lock for {wait_s}s")
+            time.sleep(0.02)
+        try:
+            yield
+        finally:
+            if self.redis.get(key) == token:
+                self.redis.delete(key)
 
     def status(self, name: str) -> dict[str, str]:
         status: dict[str, str] = self.redis.hgetall(f"{PREFIX}:{name}")
@@ -122,10 +140,14 @@ def tick(
             continue
         records.update(schedule.name, last_fire_ts=str(slot.timestamp()))
         fired.append(schedule.name)
-        if schedule.kind == "watch":
-            check_watch(settings, app, store, records, schedule, slot)
-        else:
-            fire(settings, app, store, records, schedule, slot)
+        try:
+            if schedule.kind == "watch":
+                check_watch(settings, app, store, records, schedule, slot)
+            else:
+                fire(settings, app, store, records, schedule, slot)
+        except Exception as exc:  # Redis, a lock not had: recorded; the others go on
+            log.exception("schedule %s: the tick failed", schedule.name)
+            records.record(schedule.name, "failed-to-submit", slot, reason=one_line(exc))
     return fired
 
 
@@ -140,12 +162,14 @@ def fire(
     """One slot of a cron (or every_seconds) schedule: a new incremental batch, unless
     the previous one is still running."""
     batch_id = batch_id_for(schedule, slot)
-    busy = running_batch(store, records.status(schedule.name))
+    with records.deciding(schedule.name):
+        busy = running_batch(store, records.status(schedule.name))
+        if busy is None:
+            records.update(schedule.name, active_batch=batch_id, active_since=str(time.time()))
     if busy is not None:
         reason = f"previous batch {busy[0]} is still {busy[1]}"
         records.record(schedule.name, "skipped-overlap", slot, batch_id=batch_id, reason=reason)
         return
-    records.update(schedule.name, active_batch=batch_id, active_since=str(time.time()))
     assert schedule.manifest is not None
     try:
         submit_scheduled(settings, app, store, schedule, schedule.manifest, batch_id)

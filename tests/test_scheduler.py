@@ -120,6 +120,21 @@ def test_a_firing_while_the_previous_batch_runs_is_skipped_and_recorded(setup: S
     assert setup.events("n")[-1]["event"] == "fired" and setup.store.exists("n-20260111-0102")
 
 
+def test_two_slots_fired_at_once_start_one_batch_and_skip_the_other(setup: Setup) -> None:
+    setup.manifest(rows=40)  # a submission that takes a while
+    every(setup)
+    threads = [
+        threading.Thread(target=setup.tick, args=(T0 + timedelta(seconds=n),)) for n in (1, 61)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = setup.events("n")
+    assert sorted(e["event"] for e in events) == ["fired", "skipped-overlap"], events
+    assert [setup.store.exists(b) for b in ("n-20260111-0100", "n-20260111-0101")].count(True) == 1
+
+
 def test_a_submission_that_fails_is_recorded_with_its_reason(setup: Setup) -> None:
     every(setup)  # the manifest does not exist
     setup.tick(T0 + timedelta(seconds=1))
