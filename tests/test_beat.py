@@ -145,3 +145,58 @@ def test_two_beats_at_once_do_not_double_fire(
     assert {e["event"] for e in events} <= {"fired", "skipped-overlap"}, events
     batches = [e["batch_id"] for e in events if e["event"] == "fired"]
     assert len(set(batches)) == len(batches)
+
+
+def test_a_watched_folder_starts_one_batch_per_new_manifest_with_two_beats_and_two_workers(
+    redis_url: str,
+    redis_client: redis_lib.Redis,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    roots, incoming = tmp_path / "roots", tmp_path / "roots" / "incoming"
+    incoming.mkdir(parents=True)
+    (roots / "p.png").write_bytes(png())
+    schedules = tmp_path / "schedules.toml"
+    schedules.write_text(
+        f'[[schedule]]\nname = "w"\nwatch = "{incoming}"\nevery_seconds = 1\n'
+        'output = "out"\nprovider = "local"\n'
+    )
+    env = clean_env(BGSWAP_BROKER_URL=redis_url, BGSWAP_SCHEDULES=str(schedules),
+                    BGSWAP_LOCAL_ROOTS=str(roots), BGSWAP_SCHEDULE_TICK_S="1")  # fmt: skip
+    store = BatchStore.from_url(redis_url)
+    log = ScheduleLog(store.redis)
+    for n in (1, 2):
+        procs.append(start_worker(env, tmp_path / f"worker{n}.log"))
+        procs.append(start_beat(env, tmp_path / f"beat{n}.log"))
+
+    def drop(name: str) -> None:  # written elsewhere, renamed in: never read half written
+        staged = roots / f".{name}"
+        staged.write_text(f"id,image,prompt\n{name}-1,{roots}/p.png,a bottle on a table\n")
+        staged.rename(incoming / name)
+
+    def done(n: int) -> Callable[[], bool]:
+        def check() -> bool:
+            batches = [
+                e["batch_id"] for e in reversed(log.history("w", 100)) if e["event"] == "fired"
+            ]
+            return len(batches) >= n and all(store.meta(b).get("status") == "done" for b in batches)
+
+        return check
+
+    def logs() -> str:
+        return json.dumps(log.history("w", 100)) + (tmp_path / "worker1.log").read_text()[-3000:]
+
+    drop("a.csv")
+    wait_for(done(1), 90, logs)
+    time.sleep(4)  # listed again, by both workers' ticks
+    drop("b.csv")
+    wait_for(done(2), 90, logs)
+    time.sleep(3)
+    events = list(reversed(log.history("w", 100)))
+    assert [(e["event"], Path(e["manifest"]).name) for e in events] == [
+        ("fired", "a.csv"),
+        ("fired", "b.csv"),
+    ], events
+    for event in events:
+        lines = manifest_lines(tmp_path / "out" / event["batch_id"] / "manifest.jsonl")
+        assert [r["status"] for r in lines] == ["succeeded"]
