@@ -3,6 +3,7 @@ overlap skips, failures recorded, watched prefixes taken once (a folder and moto
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import boto3
 import pytest
 import redis as redis_lib
 
-from batching import png
+from batching import bgswap, clean_env, png
 from producer.scheduler import ScheduleLog, describe, tick
 from servers.s3 import MotoS3, moto_s3
 from worker.celery_app import app, apply_config
@@ -225,3 +226,36 @@ def test_a_watched_s3_prefix_takes_a_new_manifest_once_with_two_watchers(
     client.put_object(Bucket=s3.bucket, Key="incoming/a.csv", Body=body + b"sku-2,s3://x/y.png,z\n")
     setup.tick(T0 + timedelta(seconds=121))
     assert [e["event"] for e in setup.events("w")] == ["fired", "fired"]
+
+
+def test_bgswap_schedules_lists_the_last_batch_and_the_last_skip(
+    setup: Setup, redis_url: str
+) -> None:
+    setup.manifest()
+    every(setup)
+    setup.tick(T0 + timedelta(seconds=1))
+    setup.tick(T0 + timedelta(seconds=61))  # skipped: the first batch is still queued
+    env = clean_env(BGSWAP_BROKER_URL=redis_url, BGSWAP_SCHEDULES=str(setup.file),
+                    BGSWAP_LOCAL_ROOTS=str(setup.root))  # fmt: skip
+    table = bgswap("schedules", cwd=setup.root, env=env, timeout=60)
+    assert table.returncode == 0, table.stderr
+    (line,) = [x for x in table.stdout.splitlines() if x.startswith("n ")]
+    assert "every 1m" in line and "n-20260111-0100" in line and "running" in line
+    assert "previous batch n-20260111-0100 is still running" in line
+    (row,) = [
+        json.loads(x)
+        for x in bgswap("schedules", "--json", cwd=setup.root, env=env).stdout.splitlines()
+    ]
+    assert row["last_event"] == "skipped-overlap" and row["last_batch_state"] == "running"
+
+    unset = bgswap(
+        "schedules", cwd=setup.root, env={k: v for k, v in env.items() if k != "BGSWAP_SCHEDULES"}
+    )
+    assert unset.returncode == 2 and unset.stderr.startswith("error: BGSWAP_SCHEDULES is not set")
+    setup.file.write_text('[[schedule]]\nname = "n"\ncron = "61 * * * *"\nmanifest = "m.csv"\n')
+    bad = bgswap("schedules", cwd=setup.root, env=env)
+    assert bad.returncode == 2
+    (line,) = bad.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(
+        f"error: {setup.file}: schedule 'n', field 'cron': '61 * * * *' is not a cron expression"
+    )
