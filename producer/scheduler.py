@@ -28,7 +28,7 @@ from producer import runner
 from producer.batch import check_batch_id, output_root
 from producer.manifest import read_manifest
 from producer.summary import batch_fields
-from worker.errors import BgswapError, redact_url
+from worker.errors import redact_url
 from worker.fetch import SourceFetcher, build_s3_client
 from worker.providers import default_provider
 from worker.schedules import (
@@ -265,8 +265,6 @@ def local_manifest(settings: Settings, ref: str) -> Iterator[str]:
     fetcher = SourceFetcher(capped)
     try:
         data = fetcher(ref, "manifest")
-    except BgswapError as exc:
-        raise BgswapError(exc.code, exc.message) from None
     finally:
         fetcher.close()
     name = Path(urlsplit(ref).path).name or "manifest"
