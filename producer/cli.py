@@ -940,3 +940,33 @@ def batches(
         )  # fmt: skip
     # Not a terminal: no 80-column squeeze (rich's default), scripts read whole ids.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def schedules(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per schedule")] = False,
+) -> None:
+    """The schedules of BGSWAP_SCHEDULES: next run, last batch and its state, last skip."""
+    from producer.scheduler import describe  # noqa: PLC0415
+
+    settings = _settings()
+    if settings.schedules is None:
+        raise UsageError("BGSWAP_SCHEDULES is not set: give the schedule file beat reads")
+    with _backend(settings, runs_rows=False) as backend:
+        rows = describe(backend.settings, backend.store, str(settings.schedules))
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    table = Table(box=None, pad_edge=False)
+    for name in ("schedule", "kind", "when", "timezone", "next run", "last batch", "state",
+                 "last skip"):  # fmt: skip
+        table.add_column(name, no_wrap=True)
+    for r in rows:
+        n = r["every_s"] or 0
+        when = r["cron"] or (f"every {n // 60}m" if n % 60 == 0 else f"every {n}s")
+        table.add_row(
+            r["name"], r["kind"], when, r["timezone"], r["next_run"][:19].replace("T", " "),
+            r["last_batch"] or "-", r["last_batch_state"] or "-", r["last_skip_reason"] or "-",
+        )  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -60,6 +60,31 @@ def apply_config(settings: Settings) -> None:
         worker_concurrency=2,
         worker_hijack_root_logger=False,
     )
+    apply_beat_config(settings)
+
+
+def apply_beat_config(settings: Settings) -> None:
+    """`celery -A worker beat` sends one entry, ``bgswap.tick``, every
+    BGSWAP_SCHEDULE_TICK_S; a worker's tick task fires what BGSWAP_SCHEDULES says is due
+    (producer/scheduler.py). Beat keeps no schedule file of its own (the in-memory
+    scheduler): which slot fired is in Redis, claimed once however many beats run."""
+    if settings.schedules is None:
+        app.conf.beat_schedule = {}
+        return
+    from worker.schedules import TASK_TICK  # noqa: PLC0415
+
+    app.conf.update(
+        beat_scheduler="celery.beat:Scheduler",
+        beat_schedule={
+            TASK_TICK: {
+                "task": TASK_TICK,
+                "schedule": settings.schedule_tick_s,
+                "args": (str(settings.schedules.expanduser().resolve()),),
+                # A tick nobody took in time is dropped: the next one decides afresh.
+                "options": {"expires": settings.schedule_tick_s},
+            }
+        },
+    )
 
 
 apply_config(get_settings())

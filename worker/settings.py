@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     row_lease_s: float = Field(default=60.0, ge=3)
     visibility_timeout_s: int = Field(default=150, ge=10)
 
+    # Schedules (worker/schedules.py, producer/scheduler.py): the schedule file that
+    # `celery -A worker beat` fires, how often beat sends its tick, and the largest
+    # manifest a schedule downloads (https / s3 sources, into a temp file).
+    schedules: Path | None = None
+    schedule_tick_s: float = Field(default=15.0, ge=1)
+    max_manifest_bytes: int = Field(default=256 * _MB, gt=0)
+
     @field_validator("output_prefixes")
     @classmethod
     def _prefixes(cls, value: str | None) -> str | None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import beat_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu.exceptions import ChannelError
 
 from worker.celery_app import QUEUE, app
-from worker.errors import BgswapError
+from worker.errors import BgswapError, UsageError
 from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
 from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
+from worker.schedules import TASK_TICK
 from worker.watchdog import Watchdog
 
 # How long a delivery waits for room in this process's engine before the row goes back
@@ -42,6 +44,38 @@ def finalize_batch(self: Any, batch_id: str) -> None:
             countdown = min(30.0, err.retry_after_s or 2.0 ** (self.request.retries + 1))
             raise self.retry(countdown=countdown, max_retries=FINALIZE_RETRIES) from err
         fail_batch(batch_id, deps, f"the output manifest could not be written: {err.message}")
+
+
+@app.task(name=TASK_TICK, ignore_result=True)  # type: ignore[untyped-decorator]
+def tick(path: str) -> None:
+    """Beat's tick: fire the schedules of the file at ``path`` that are due (README:
+    "Nightly schedules"). A worker with BGSWAP_SCHEDULES set reads its own path."""
+    from producer.scheduler import tick as fire_due  # noqa: PLC0415 - producer code, lazily
+
+    deps = get_deps()
+    try:
+        fire_due(deps.settings, app, deps.store, str(deps.settings.schedules or path))
+    except UsageError as exc:  # a bad schedule file: one line a tick, no traceback
+        logging.getLogger("bgswap.scheduler").error("%s", exc)
+
+
+@beat_init.connect  # type: ignore[untyped-decorator]
+def _check_schedules(**_: Any) -> None:
+    """Beat says at start whether the schedule file is good (a bad one: one error line)."""
+    from worker.schedules import load_schedules  # noqa: PLC0415
+    from worker.settings import get_settings  # noqa: PLC0415
+
+    settings = get_settings()
+    if settings.schedules is None:
+        logging.getLogger("bgswap.scheduler").warning("BGSWAP_SCHEDULES is not set")
+        return
+    try:
+        schedules = load_schedules(settings.schedules, settings.local_root_list)
+    except Exception as exc:  # reported, and every tick reports it again
+        logging.getLogger("bgswap.scheduler").error("%s", exc)
+        return
+    names = ", ".join(s.name for s in schedules) or "none"
+    logging.getLogger("bgswap.scheduler").warning("schedules: %s", names)
 
 
 def enqueue_finalize(batch_id: str) -> None:
