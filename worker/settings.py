@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     row_lease_s: float = Field(default=60.0, ge=3)
     visibility_timeout_s: int = Field(default=150, ge=10)
 
+    # Webhooks in (producer/hooks.py) and completion callbacks out (worker/callbacks.py).
+    shopify_webhook_secret: SecretStr | None = None
+    shopify_mapping: str | None = None  # a TOML file's path, or inline JSON
+    hook_secret: SecretStr | None = None
+    callback_secret: SecretStr | None = None
+    callback_timeout_s: float = Field(default=10.0, gt=0, le=30)
+    callback_retry_base_s: float = Field(default=10.0, gt=0)
+    callback_retry_cap_s: float = Field(default=3600.0, gt=0)
+    callback_deadline_s: float = Field(default=86_400.0, gt=0)
+
     @field_validator("output_prefixes")
     @classmethod
     def _prefixes(cls, value: str | None) -> str | None:
@@ -239,7 +249,7 @@ def describe_setting_error(error: Mapping[str, Any]) -> str:
     field = str(loc[0]) if loc else "?"
     variable = env_variable(field)
     value = error.get("input")
-    if "KEY" in variable or not isinstance(value, str | int | float):
+    if "KEY" in variable or "SECRET" in variable or not isinstance(value, str | int | float):
         shown = ""  # a key never reaches a message; a missing or composite value says nothing
     else:
         shown = f"={str(value)[:100]!r}"
