@@ -250,3 +250,31 @@ def test_unsigned_warns_once_and_secrets_never_reach_the_log(
     assert SECRET not in caplog.text
     assert signature.split("v1=")[1] not in caplog.text
     assert SECRET not in json.dumps(store.meta("s1"))
+
+
+def test_a_claim_whose_worker_died_comes_due_again(store: BatchStore) -> None:
+    make_batch(store, "b1", "https://hooks.example.com/x", status="done")
+    clock = Clock()
+    schedule(store, "b1", now=clock.now)
+    cb, _ = sender(store, clock)
+    assert cb.claim("b1")  # ... and the process dies before the outcome is recorded
+    assert not cb.claim("b1")
+    assert due(store, clock.now + 30) == []
+    clock.now += callbacks.CLAIM_LEASE_S + 1
+    assert due(store, clock.now) == ["b1"]
+    assert cb.claim("b1")
+
+
+def test_the_watchdog_sweep_enqueues_due_callbacks(store: BatchStore) -> None:
+    from worker.watchdog import Watchdog
+
+    calls: list[int] = []
+
+    def enqueue() -> int:
+        calls.append(1)
+        return 2
+
+    dog = Watchdog(store, lambda b, i: None, lambda: 0, lambda b: None, callbacks=enqueue,
+                   grace_s=60, interval_s=1)  # fmt: skip
+    assert dog.sweep() == 2
+    assert calls == [1]

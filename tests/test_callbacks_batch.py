@@ -110,3 +110,47 @@ def test_done_canceled_and_failed_batches_call_back_once_each(
     for d in receiver.deliveries:
         assert d.headers["x-bgswap-signature"].split("v1=")[1] not in text
     assert json.dumps(store.meta("cb-done")).count(SECRET) == 0
+
+
+@pytest.mark.slow
+def test_a_callback_retry_survives_the_worker_being_killed(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "a.png").write_bytes(png("box", 1))
+    (tmp_path / "m.csv").write_text("id,image,prompt\na,a.png,on a table\n")
+    env = clean_env(
+        BGSWAP_BROKER_URL=redis_url,
+        BGSWAP_ALLOW_PRIVATE_URLS="1",
+        BGSWAP_CALLBACK_SECRET=SECRET,
+        BGSWAP_CALLBACK_RETRY_BASE_S="4",
+        BGSWAP_ROW_LEASE_S="6",  # the watchdog sweeps every 2 s
+    )
+    store = BatchStore.from_url(redis_url)
+    with CallbackReceiver(fail_first=1) as receiver:
+        first = start_worker(env, tmp_path / "w1.log")
+        try:
+            done = bgswap("submit", "m.csv", "--provider", "local", "--output", "out",
+                          "--batch-id", "cb-kill", "--callback-url", receiver.url, "--wait",
+                          cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            deadline = time.monotonic() + 30
+            while not receiver.deliveries and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # its outcome recorded
+        finally:
+            # The retry's nudge is held by this worker: killed, it is lost with it.
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        assert [d.status for d in receiver.deliveries] == [500]
+        assert store.meta("cb-kill")["callback_status"] == "retrying"
+        second = start_worker(env, tmp_path / "w2.log")
+        try:
+            accepted = receiver.wait_for(1, timeout_s=60)
+            time.sleep(1)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+    assert len(accepted) == 1, (tmp_path / "w2.log").read_text()[-3000:]
+    assert [d.status for d in receiver.deliveries] == [500, 200]
+    verify(SECRET, accepted[0].headers["x-bgswap-signature"], accepted[0].raw, now=time.time())
+    assert store.meta("cb-kill")["callback_status"] == "delivered"
