@@ -39,10 +39,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from producer.signing import HEADER, sign
-from worker.netguard import PrivateAddressRefused, guarded_http_client, is_public_address
+from worker.netguard import (
+    GuardedBackend,
+    PrivateAddressRefused,
+    guarded_http_client,
+    is_public_address,
+)
 from worker.settings import Settings
 from worker.state import BatchStore, _key
 
@@ -329,3 +335,19 @@ def owe(store: BatchStore, batch_id: str) -> bool:
     except Exception as exc:
         log.warning("batch %s: callback not scheduled (%s)", batch_id, type(exc).__name__)
         return False
+
+
+def check_callback_destination(url: str, allow_private: bool) -> str:
+    """``check_callback_url``, then the host's addresses through the sources' guard (at
+    submit time; every attempt is checked again when it connects)."""
+    check_callback_url(url, allow_private)
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        GuardedBackend(allow_private=allow_private).resolve(parts.hostname or "", port)
+    except PrivateAddressRefused as exc:
+        raise CallbackUrlError(f"callback URL host {exc.host} resolves to a non-public "
+                               f"address ({exc.address})") from None  # fmt: skip
+    except httpcore.ConnectError as exc:
+        raise CallbackUrlError(f"callback URL: {exc}") from None
+    return url
