@@ -50,7 +50,7 @@ from worker.netguard import (
     is_public_address,
 )
 from worker.settings import Settings
-from worker.state import BatchStore, _key
+from worker.state import BatchNotFound, BatchStore
 
 log = logging.getLogger("bgswap.callbacks")
 
@@ -85,9 +85,12 @@ def check_callback_url(url: str, allow_private: bool) -> str:
         raise CallbackUrlError(f"callback URL {url!r}: {exc}") from None
     allowed = ("https", "http") if allow_private else ("https",)
     if parts.scheme.lower() not in allowed:
-        need = "http:// or https://" if allow_private else "https://"
-        raise CallbackUrlError(f"callback URL must be {need} (http:// only with "
-                               "BGSWAP_ALLOW_PRIVATE_URLS=1)")  # fmt: skip
+        need = (
+            "http:// or https://"
+            if allow_private
+            else ("https:// (http:// only with BGSWAP_ALLOW_PRIVATE_URLS=1)")
+        )
+        raise CallbackUrlError(f"callback URL must be {need}")
     if not host:
         raise CallbackUrlError("callback URL has no host")
     if parts.username or parts.password:
@@ -234,8 +237,11 @@ class Callbacks:
         returns the resulting ``callback_status`` (None: not due or taken elsewhere)."""
         if not self.claim(batch_id):
             return None
-        meta = self.store.redis.hgetall(_key(batch_id, "meta"))
-        kind = event_type(meta) if meta else None
+        try:
+            meta = self.store.meta(batch_id)
+        except BatchNotFound:
+            meta = {}
+        kind = event_type(meta)
         if kind is None or not meta.get("callback_url"):
             self.store.redis.zrem(DUE_KEY, batch_id)  # nothing (left) to send
             return None
