@@ -75,6 +75,8 @@ class SubmitOptions:
     # Continue a batch whose submission was interrupted: rows below this index are
     # recorded already (the batch exists).
     resume_from: int | None = None
+    # POSTed a signed event when the batch ends (worker/callbacks.py), kept in its meta.
+    callback_url: str | None = None
 
 
 @dataclass
@@ -215,6 +217,8 @@ class Submitter:
         }
         if options.force:
             meta["force"] = "1"
+        if options.callback_url:
+            meta["callback_url"] = options.callback_url
         if not self.store.create(bid, meta, datetime.now(UTC).timestamp()):
             raise UsageError(f"batch {bid} already exists: choose another --batch-id")
 

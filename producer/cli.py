@@ -37,6 +37,7 @@ from producer.interrupts import Interrupted, Interrupts, interrupts
 from producer.manifest import RowDefaults, RowOutcome, read_manifest
 from producer.skips import Skipper
 from producer.summary import StatusReader, batch_fields, failures_by_code, final_summary
+from worker.callbacks import CallbackUrlError, check_callback_destination
 from worker.errors import BgswapError, ManifestUnreadable, RowCanceled, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
@@ -77,6 +78,10 @@ StrictOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="run every row, even those already done at --output")
+]
+CallbackOpt = Annotated[
+    str | None,
+    typer.Option("--callback-url", help="POST a signed event here when the batch ends"),
 ]
 
 
@@ -248,6 +253,7 @@ class JobArgs:
     fmt: str | None = None
     strict: bool = False
     force: bool = False
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +339,7 @@ def _enqueue(
             source=prepared.source,
             resume_from=resume_from,
             force=args.force,
+            callback_url=args.callback_url,
         )
         progress.update(task, completed=manifest.size, detail=f"{report.total} rows")
     reporter.close()
@@ -687,13 +694,20 @@ def submit(
     strict: StrictOpt = False,
     force: ForceOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until every row is terminal")] = False,
+    callback_url: CallbackOpt = None,
 ) -> None:
     """Validate and enqueue a manifest; print the batch id."""
     settings = _settings()
+    if callback_url is not None:
+        try:
+            check_callback_destination(callback_url, settings.allow_private_urls)
+        except CallbackUrlError as exc:
+            raise UsageError(f"--callback-url: {exc}") from None
     celery_app, store = _connect(settings)
     args = JobArgs(
-        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force
-    )
+        provider, output, prompt, tuple(set_ or ()), batch_id, max_cost, format, strict, force,
+        callback_url,
+    )  # fmt: skip
     with _prepare(settings, manifest, args) as prepared:
         report = _enqueue(settings, celery_app, store, prepared, args)
     typer.echo(report.batch_id)

@@ -198,6 +198,7 @@ def submit_manifest(
     force: bool = False,
     source: dict[str, str] | None = None,
     resume_from: int | None = None,
+    callback_url: str | None = None,
 ) -> SubmitReport:
     root = output_root(output)
     storage = Storage(settings)
@@ -212,6 +213,7 @@ def submit_manifest(
         force=force,
         source=source or {},
         resume_from=resume_from,
+        callback_url=callback_url,
     )
     try:
         report = submitter.submit(outcomes, options, on_row=on_row)

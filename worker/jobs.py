@@ -167,6 +167,7 @@ def job_id(batch_id: str, row_id: str) -> str:
 # Celery task names: the producer publishes by name, without importing the worker's app.
 TASK_PROCESS_ROW = "bgswap.process_row"
 TASK_FINALIZE_BATCH = "bgswap.finalize_batch"
+TASK_DELIVER_CALLBACK = "bgswap.deliver_callback"
 
 
 def finalize_task_id(batch_id: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import redis
 
+from worker import callbacks
 from worker.errors import (
     BgswapError,
     Codes,
@@ -491,6 +492,7 @@ def fail_batch(batch_id: str, deps: Deps, reason: str) -> None:
     deps.store.set_meta(batch_id, status="failed", error=reason, finished_at=deps.now())
     deps.store.retire(batch_id)
     log.error("batch %s failed: %s", batch_id, reason)
+    callbacks.owe(deps.store, batch_id)  # its callback_url, if any: worker/callbacks.py
 
 
 def finalize(batch_id: str, deps: Deps) -> str | None:
@@ -508,4 +510,5 @@ def finalize(batch_id: str, deps: Deps) -> str | None:
     deps.store.set_meta(batch_id, status="done", manifest_url=obj.url, finished_at=deps.now())
     deps.store.retire(batch_id)
     log.info("batch %s done: manifest at %s", batch_id, obj.url)
+    callbacks.owe(deps.store, batch_id)  # completed or canceled: worker/callbacks.py
     return obj.url

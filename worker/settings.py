@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     schedules: Path | None = None
     schedule_tick_s: float = Field(default=15.0, ge=1)
     max_manifest_bytes: int = Field(default=256 * _MB, gt=0)
+    # Webhooks in (producer/hooks.py) and completion callbacks out (worker/callbacks.py).
+    shopify_webhook_secret: SecretStr | None = None
+    shopify_mapping: str | None = None  # a TOML file's path, or inline JSON
+    hook_secret: SecretStr | None = None
+    callback_secret: SecretStr | None = None
+    callback_timeout_s: float = Field(default=10.0, gt=0, le=30)
+    callback_retry_base_s: float = Field(default=10.0, gt=0)
+    callback_retry_cap_s: float = Field(default=3600.0, gt=0)
+    callback_deadline_s: float = Field(default=86_400.0, gt=0)
 
     @field_validator("output_prefixes")
     @classmethod
@@ -246,7 +255,7 @@ def describe_setting_error(error: Mapping[str, Any]) -> str:
     field = str(loc[0]) if loc else "?"
     variable = env_variable(field)
     value = error.get("input")
-    if "KEY" in variable or not isinstance(value, str | int | float):
+    if "KEY" in variable or "SECRET" in variable or not isinstance(value, str | int | float):
         shown = ""  # a key never reaches a message; a missing or composite value says nothing
     else:
         shown = f"={str(value)[:100]!r}"

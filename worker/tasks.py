@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.signals import beat_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu.exceptions import ChannelError
 
+from worker import callbacks
 from worker.celery_app import QUEUE, app
 from worker.errors import BgswapError, UsageError
-from worker.jobs import TASK_FINALIZE_BATCH, TASK_PROCESS_ROW, finalize_task_id
+from worker.jobs import (
+    TASK_DELIVER_CALLBACK,
+    TASK_FINALIZE_BATCH,
+    TASK_PROCESS_ROW,
+    finalize_task_id,
+)
 from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.schedules import TASK_TICK
@@ -44,6 +51,34 @@ def finalize_batch(self: Any, batch_id: str) -> None:
             countdown = min(30.0, err.retry_after_s or 2.0 ** (self.request.retries + 1))
             raise self.retry(countdown=countdown, max_retries=FINALIZE_RETRIES) from err
         fail_batch(batch_id, deps, f"the output manifest could not be written: {err.message}")
+    if callbacks.pending(deps.store, batch_id):  # owed now: sent at once, not at a sweep
+        nudge_callback(batch_id, 0.0)
+
+
+# A callback attempt: its schedule is in Redis (worker/callbacks.py), so this message is
+# only a nudge; a lost one is made up by the watchdog, a duplicate finds nothing to claim.
+@app.task(name=TASK_DELIVER_CALLBACK, ignore_result=True)  # type: ignore[untyped-decorator]
+def deliver_callback(batch_id: str) -> None:
+    sender().deliver(batch_id)
+
+
+def sender() -> callbacks.Callbacks:
+    deps = get_deps()
+    return callbacks.process_callbacks(deps.settings, deps.store, deps.rand, nudge_callback)
+
+
+def nudge_callback(batch_id: str, countdown: float) -> None:
+    """Send the batch's callback attempt after ``countdown`` seconds (always below the
+    visibility timeout: callbacks.NUDGE_MAX_S)."""
+    deliver_callback.apply_async(args=(batch_id,), countdown=countdown or None)
+
+
+def enqueue_due_callbacks() -> int:
+    """The watchdog's share: an attempt for every callback that is due."""
+    batches = callbacks.due(get_deps().store, time.time())
+    for batch_id in batches:
+        deliver_callback.apply_async(args=(batch_id,))
+    return len(batches)
 
 
 @app.task(name=TASK_TICK, ignore_result=True)  # type: ignore[untyped-decorator]
@@ -103,6 +138,7 @@ def start_watchdog() -> Watchdog:
         republish,
         queue_depth,
         enqueue_finalize,
+        callbacks=enqueue_due_callbacks,
         grace_s=deps.settings.row_grace_s,
         interval_s=deps.settings.watchdog_interval_s,
     )

@@ -16,6 +16,9 @@ Every few seconds it looks at each live batch (`bgswap:live`):
 - **Lost finalizers.** A batch whose last row was recorded but whose finalizer was never
   enqueued (the broker was away just then) would stay ``finalizing`` for ever: after the
   grace its finalizer is enqueued again (finalizing is idempotent).
+- **Callbacks due.** Completion callbacks keep their next attempt in Redis
+  (worker/callbacks.py): every sweep enqueues the attempts that are due, whether they
+  are retries waiting out their backoff or attempts whose worker died.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Watchdog(threading.Thread):
         queue_depth: Callable[[], int],
         finalize: Callable[[str], None],
         *,
+        callbacks: Callable[[], int] = lambda: 0,
         grace_s: float,
         interval_s: float,
         clock: Callable[[], float] = time.time,
@@ -47,6 +51,7 @@ class Watchdog(threading.Thread):
         self.publish = publish
         self.queue_depth = queue_depth
         self.finalize = finalize
+        self.callbacks = callbacks
         self.grace_s = grace_s
         self.interval_s = interval_s
         self.clock = clock
@@ -67,7 +72,7 @@ class Watchdog(threading.Thread):
                 continue
             depth = self.queue_depth() if depth is None else depth
             found += self._stall(batch_id, depth)
-        return found
+        return found + self.callbacks()
 
     def _finalizing(self, batch_id: str) -> int:
         """Enqueue the finalizer again for a batch left finalizing past the grace."""
