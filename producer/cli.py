@@ -920,3 +920,23 @@ def batches(
         )  # fmt: skip
     # Not a terminal: no 80-column squeeze (rich's default), scripts read whole ids.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port")] = 8000,
+) -> None:
+    """Serve the HTTP API (producer/api.py) over the configured broker's batches."""
+    settings = _settings()
+    if not settings.broker_url:
+        raise UsageError(
+            "bgswap serve needs BGSWAP_BROKER_URL: the API enqueues rows for workers "
+            "that run elsewhere (celery -A worker worker)"
+        )
+    import uvicorn  # noqa: PLC0415 - only this command serves
+
+    from producer.api import create_app  # noqa: PLC0415
+
+    # The access log names method, path and status: never a header (the bearer token).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
