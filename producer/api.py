@@ -34,10 +34,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import preflight, runner
 from producer.batch import check_batch_id, estimate, new_batch_id, output_root
-from producer.manifest import RowDefaults, RowOutcome, read_manifest
+from producer.manifest import RowDefaults, RowOutcome, detect_format, read_manifest
 from producer.summary import StatusReader, batch_fields
 from producer.validation import is_private_host
-from worker.errors import BgswapError, FieldError, ManifestUnreadable, Unreachable, UsageError
+from worker.errors import (
+    BgswapError,
+    Codes,
+    FieldError,
+    ManifestUnreadable,
+    Unreachable,
+    UsageError,
+)
 from worker.fetch import SourceFetcher
 from worker.netguard import is_public_address
 from worker.providers import default_provider
@@ -89,6 +96,36 @@ class BatchFields(BaseModel):
 class BatchRequest(BatchFields):
     rows: list[dict[str, Any]] | None = Field(None, description="manifest rows")
     manifest_url: str | None = Field(None, description="https:// or s3:// manifest")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route may give, for the OpenAPI schema."""
+    return {status: {"model": ErrorBody, "description": _REASONS[status]} for status in statuses}
+
+
+_REASONS = {
+    400: "bad request (an unreadable manifest, an unknown cursor)",
+    401: "no token, or an unknown one",
+    403: "the token lacks the scope (write)",
+    404: "no such batch",
+    409: "the batch id is taken, or the Idempotency-Key was used with another request",
+    413: "the body or its rows are over the limit",
+    415: "a content type other than JSON, CSV or JSON Lines",
+    422: "invalid request or manifest (strict)",
+    429: "the token's request rate is spent (Retry-After)",
+    503: "Redis does not answer",
+}
+READ_ERRORS = _errors(401, 403, 404, 422, 429, 503)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 
 
 @dataclass(frozen=True)
@@ -224,8 +261,8 @@ def parse_submission(api: Api, request: Request, body: bytes) -> Submission:
         return Submission(fields, text.encode(), "jsonl")
     assert req.manifest_url is not None
     data = fetch_manifest(api.settings, req.manifest_url)
-    fmt = "csv" if urlsplit(req.manifest_url).path.lower().endswith(".csv") else "jsonl"
-    return Submission(fields, data, fmt)
+    name = Path(urlsplit(req.manifest_url).path).name
+    return Submission(fields, data, detect_format(name, data[: runner.SNIFF_BYTES], None))
 
 
 def _query_fields(request: Request) -> BatchFields:
@@ -264,7 +301,7 @@ def fetch_manifest(settings: Settings, url: str) -> bytes:
     try:
         return fetcher(url, "manifest_url")
     except BgswapError as exc:
-        status = 413 if "too large" in exc.message.lower() else 422
+        status = 413 if exc.code == Codes.SOURCE_TOO_LARGE else 422
         raise ApiError(status, "request.manifest_url", exc.message) from None
     finally:
         fetcher.close()
@@ -515,7 +552,7 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "Redis does not answer"}})
+    @app.get("/readyz", responses=_errors(503))
     def readyz() -> Response:
         try:
             api.redis.ping()
@@ -523,7 +560,13 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
             return _error(503, "infra.unreachable", f"cannot reach Redis: {type(exc).__name__}")
         return JSONResponse({"status": "ready"})
 
-    @app.post("/v1/batches", status_code=201, openapi_extra=_batch_schema())
+    @app.post(
+        "/v1/batches",
+        status_code=201,
+        openapi_extra=_batch_schema(),
+        responses={200: {"description": "the answer to an earlier request with this "
+                         "Idempotency-Key"}, **WRITE_ERRORS},
+    )  # fmt: skip
     async def create_batch(request: Request, caller: Writer) -> Response:
         body = await read_body(request, api.settings.api_max_body_bytes)
         sub = await run_in_threadpool(parse_submission, api, request, body)
@@ -539,7 +582,7 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
         )  # fmt: skip
         return JSONResponse(answer, status_code=status)
 
-    @app.get("/v1/batches")
+    @app.get("/v1/batches", responses=_errors(400, 401, 403, 422, 429, 503))
     def list_batches(
         caller: Reader,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -558,11 +601,19 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
             "next_cursor": page[-1] if len(ids) > limit else None,
         }
 
-    @app.get("/v1/batches/{batch_id}")
+    @app.get("/v1/batches/{batch_id}", responses=READ_ERRORS)
     def get_batch(batch_id: str, caller: Reader) -> dict[str, Any]:
         return StatusReader(api.store, _known(batch_id)).read()
 
-    @app.get("/v1/batches/{batch_id}/results", response_class=StreamingResponse)
+    @app.get(
+        "/v1/batches/{batch_id}/results",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
+                  "description": "the output manifest (Accept: text/csv for CSV)"},
+            **READ_ERRORS,
+        },
+    )  # fmt: skip
     def results(batch_id: str, request: Request, caller: Reader) -> Response:
         batch_id = _known(batch_id)
         api.store.meta(batch_id)  # 404 before the stream starts
@@ -570,7 +621,7 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
             return StreamingResponse(_csv(api.store, batch_id), media_type="text/csv")
         return StreamingResponse(_jsonl(api.store, batch_id), media_type="application/x-ndjson")
 
-    @app.post("/v1/batches/{batch_id}/cancel")
+    @app.post("/v1/batches/{batch_id}/cancel", responses=WRITE_ERRORS)
     def cancel(batch_id: str, caller: Writer) -> dict[str, Any]:
         batch_id = _known(batch_id)
         outcome = runner.cancel_batch(api.settings, api.store, batch_id)
@@ -582,7 +633,7 @@ def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per rou
             "canceled_in_flight": outcome.in_flight,
         }
 
-    @app.post("/v1/batches/{batch_id}/retry")
+    @app.post("/v1/batches/{batch_id}/retry", responses=WRITE_ERRORS)
     def retry(batch_id: str, caller: Writer) -> dict[str, Any]:
         batch_id = _known(batch_id)
         indices = runner.requeue_failed(api.store, batch_id)

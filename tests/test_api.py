@@ -98,6 +98,9 @@ def serve(
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=15)
+    for log in tmp_path.glob("serve-*.log"):  # the access log names no token
+        text = log.read_text()
+        assert not any(token in text for token in (READ, WRITE, WRITE2)), text[-2000:]
 
 
 @contextmanager
@@ -453,3 +456,34 @@ def test_cancel_and_retry(serve: Serve, redis_url: str) -> None:
             wait_done(c, "r1")
         lines = [json.loads(x) for x in c.get("/v1/batches/r1/results").text.splitlines()]
         assert [x["status"] for x in lines] == ["succeeded", "succeeded", "failed"]
+
+
+@pytest.mark.slow
+def test_the_openapi_schema_holds_no_5xx_and_answers_conform(serve: Serve, tmp_path: Path) -> None:
+    base = serve(BGSWAP_API_RATE="")
+    done = subprocess.run(
+        [
+            str(BIN / "schemathesis"), "run", f"{base}/openapi.json",
+            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance",
+            "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--workers", "1",
+            "--header", f"Authorization: Bearer {WRITE}", "--request-timeout", "20",
+            "--suppress-health-check", "all", "--seed", "1",
+        ],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+def test_a_manifest_by_url(serve: Serve) -> None:
+    base = serve(BGSWAP_ALLOW_PRIVATE_URLS="1", BGSWAP_API_MAX_BODY_BYTES="4096")
+    with FileServer() as files, httpx.Client(base_url=base, headers=auth(WRITE)) as c:
+        files.add("/m.csv", b"id,image,prompt\na,box.png,p\nb,mug.png,p\n", "text/csv")
+        files.add("/big.jsonl", b'{"id": "a"}\n' * 1000, "application/x-ndjson")
+        made = c.post("/v1/batches", json={"manifest_url": files.url("/m.csv")})
+        assert made.status_code == 201, made.text
+        assert made.json()["counts"]["queued"] == 2 and made.json()["rejected"] == []
+        big = c.post("/v1/batches", json={"manifest_url": files.url("/big.jsonl")})
+        assert big.status_code == 413 and error_code(big) == "request.manifest_url"
+        gone = c.post("/v1/batches", json={"manifest_url": files.url("/nope.csv")})
+        assert gone.status_code == 422 and error_code(gone) == "request.manifest_url"
