@@ -302,12 +302,18 @@ def active_memories(store: BatchStore, batch_id: str) -> Iterator[tuple[int, dic
 
 
 def provider_queue(store: BatchStore, batch_id: str) -> tuple[int, int] | None:
-    """(rows waiting in a provider's queue, the deepest queue position), if any wait."""
-    positions = [
-        int(m["queue_position"])
-        for _, m in active_memories(store, batch_id)
+    """(rows waiting in a provider's queue, the deepest queue position), if any wait.
+    The rows' states are scanned only when some provider memory says it waits."""
+    waiting = {
+        index: int(m["queue_position"])
+        for index, m in store.provider_memories(batch_id)
         if m.get("state") == "IN_QUEUE" and isinstance(m.get("queue_position"), int)
-    ]
+    }
+    if not waiting:
+        return None
+    active = set(store.indices_in_state(batch_id, "running"))
+    active |= set(store.indices_in_state(batch_id, "queued"))
+    positions = [position for index, position in waiting.items() if index in active]
     return (len(positions), max(positions)) if positions else None
 
 
