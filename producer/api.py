@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import math
 import socket
 import tempfile
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import preflight, runner
 from producer.batch import check_batch_id, estimate, new_batch_id, output_root
+from producer.infra import INFRA_ERRORS
 from producer.manifest import RowDefaults, RowOutcome, detect_format, read_manifest
 from producer.summary import StatusReader, batch_fields
 from producer.validation import is_private_host
@@ -56,6 +58,7 @@ from worker.settings import Settings
 from worker.state import BatchNotFound, BatchStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+log = logging.getLogger("bgswap.api")
 IDEMPOTENCY_WAIT_S = 10.0
 FORMATS = {"text/csv": "csv", "application/x-ndjson": "jsonl", "application/jsonl": "jsonl"}
 
@@ -333,6 +336,23 @@ def check_callback_url(settings: Settings, url: str) -> str:
     return url
 
 
+def confined_output(settings: Settings, output: str | None) -> str:
+    """The batch's output root: BGSWAP_OUTPUT, or a folder inside it or inside one of
+    BGSWAP_OUTPUT_PREFIXES. A client never names another place on the server's disks or
+    buckets (a relative path would be the server's own folder)."""
+    default = output_root(settings.output)
+    if not output:
+        return default
+    root = output_root(output)
+    for allowed in (default, *settings.output_prefix_list):
+        if root == allowed or root.startswith(allowed.rstrip("/") + "/"):
+            return root
+    raise ApiError(
+        422, "request.output",
+        "output must be BGSWAP_OUTPUT or inside it or a BGSWAP_OUTPUT_PREFIXES entry",
+    )  # fmt: skip
+
+
 def api_defaults(api: Api, fields: BatchFields, root: str, batch_id: str) -> RowDefaults:
     """The CLI's row defaults, but reading only under BGSWAP_LOCAL_ROOTS: never the
     server's folder, nor the folder of a file named in ``options``."""
@@ -365,7 +385,7 @@ def submit(api: Api, sub: Submission) -> dict[str, Any]:
     batch_id = check_batch_id(fields.batch_id) if fields.batch_id else new_batch_id()
     if store.exists(batch_id):
         raise ApiError(409, "batch.exists", f"batch {batch_id} already exists")
-    root = output_root(fields.output or settings.output)
+    root = confined_output(settings, fields.output)
     source = {"format": sub.fmt, "origin": "api"}
     if fields.callback_url:
         source["callback_url"] = check_callback_url(settings, fields.callback_url)
@@ -374,10 +394,15 @@ def submit(api: Api, sub: Submission) -> dict[str, Any]:
         _refuse_if_strict(api, sub, defaults)
     runner.probe_destinations(settings, root, batch_id)
     outcomes = read_manifest(io.BytesIO(sub.data), sub.fmt, defaults)
-    report = runner.submit_manifest(
-        settings, api.celery_app, store, outcomes, defaults=defaults, output=root,
-        batch_id=batch_id, force=fields.force, source=source,
-    )  # fmt: skip
+    try:
+        report = runner.submit_manifest(
+            settings, api.celery_app, store, outcomes, defaults=defaults, output=root,
+            batch_id=batch_id, force=fields.force, source=source,
+        )  # fmt: skip
+    except UsageError as exc:  # another request took the id since it was checked
+        if str(exc).startswith(f"batch {batch_id} already exists"):
+            raise ApiError(409, "batch.exists", f"batch {batch_id} already exists") from None
+        raise
     view = batch_fields(store, batch_id)
     return {
         "batch_id": batch_id,
@@ -492,52 +517,76 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="bgswap", version="1", lifespan=lifespan)
     app.state.api = api
     _handlers(app)
-    _routes(app, api)
+    app.include_router(router)
     return app
 
 
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _strict(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StrictRefusal)
+    body = {"error": {"code": "manifest.strict", "message": exc.message},
+            "rejected": exc.errors, "warnings": exc.warnings}  # fmt: skip
+    return JSONResponse(body, status_code=422)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """FastAPI's own validation errors (query, path), in the one error shape."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return _error(422, "request.invalid", f"{where}: {first.get('msg', 'invalid')}")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+    return _error(exc.status_code, f"request.{code}", str(exc.detail))
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, INFRA_ERRORS):
+        return _error(503, "infra.unreachable", f"cannot reach the broker or Redis: "
+                      f"{type(exc).__name__}")  # fmt: skip
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, "internal", "internal error (see the server's log)")
+
+
+def _simple(
+    status: int, code: str, text: Callable[[Exception], str]
+) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return _error(status, code, text(exc))
+
+    return handler
+
+
+_SIMPLE: tuple[tuple[type[Exception], int, str, Callable[[Exception], str]], ...] = (
+    (BatchNotFound, 404, "batch.not_found", lambda e: f"no batch {e}"),
+    (UsageError, 422, "request.invalid", str),
+    (ManifestUnreadable, 400, "manifest.unreadable", str),
+    (Unreachable, 503, "infra.unreachable", str),
+    (
+        redis.RedisError,
+        503,
+        "infra.unreachable",
+        lambda e: f"cannot reach Redis: {type(e).__name__}",
+    ),
+)
+
+
 def _handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return _error(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(StrictRefusal)
-    async def strict(request: Request, exc: StrictRefusal) -> Response:
-        body = {"error": {"code": "manifest.strict", "message": exc.message},
-                "rejected": exc.errors, "warnings": exc.warnings}  # fmt: skip
-        return JSONResponse(body, status_code=422)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        return _error(422, "request.invalid", f"{where}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        return _error(exc.status_code, f"request.{code}", str(exc.detail))
-
-    @app.exception_handler(BatchNotFound)
-    async def not_found(request: Request, exc: BatchNotFound) -> Response:
-        return _error(404, "batch.not_found", f"no batch {exc}")
-
-    @app.exception_handler(UsageError)
-    async def usage(request: Request, exc: UsageError) -> Response:
-        return _error(422, "request.invalid", str(exc))
-
-    @app.exception_handler(ManifestUnreadable)
-    async def unreadable(request: Request, exc: ManifestUnreadable) -> Response:
-        return _error(400, "manifest.unreadable", str(exc))
-
-    @app.exception_handler(Unreachable)
-    async def unreachable(request: Request, exc: Unreachable) -> Response:
-        return _error(503, "infra.unreachable", str(exc))
-
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(request: Request, exc: redis.RedisError) -> Response:
-        return _error(503, "infra.unreachable", f"cannot reach Redis: {type(exc).__name__}")
+    """Every error answers ``{"error": {"code", "message"}}`` with its status."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StrictRefusal, _strict)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for kind, status, code, text in _SIMPLE:
+        app.add_exception_handler(kind, _simple(status, code, text))
+    app.add_exception_handler(Exception, _internal)
 
 
 def _known(batch_id: str) -> str:
@@ -547,98 +596,110 @@ def _known(batch_id: str) -> str:
         raise BatchNotFound(batch_id[:64]) from None
 
 
-def _routes(app: FastAPI, api: Api) -> None:  # noqa: C901 - one closure per route
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+router = APIRouter()
+ApiDep = Annotated[Api, Depends(_api)]
 
-    @app.get("/readyz", responses=_errors(503))
-    def readyz() -> Response:
-        try:
-            api.redis.ping()
-        except (OSError, redis.RedisError) as exc:
-            return _error(503, "infra.unreachable", f"cannot reach Redis: {type(exc).__name__}")
-        return JSONResponse({"status": "ready"})
 
-    @app.post(
-        "/v1/batches",
-        status_code=201,
-        openapi_extra=_batch_schema(),
-        responses={200: {"description": "the answer to an earlier request with this "
-                         "Idempotency-Key"}, **WRITE_ERRORS},
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=_errors(503))
+def readyz(api: ApiDep) -> Response:
+    try:
+        api.redis.ping()
+    except (OSError, redis.RedisError) as exc:
+        return _error(503, "infra.unreachable", f"cannot reach Redis: {type(exc).__name__}")
+    return JSONResponse({"status": "ready"})
+
+
+@router.post(
+    "/v1/batches",
+    status_code=201,
+    openapi_extra=_batch_schema(),
+    responses={200: {"description": "the answer to an earlier request with this "
+                     "Idempotency-Key"}, **WRITE_ERRORS},
+)  # fmt: skip
+async def create_batch(request: Request, caller: Writer, api: ApiDep) -> Response:
+    body = await read_body(request, api.settings.api_max_body_bytes)
+    sub = await run_in_threadpool(parse_submission, api, request, body)
+    key = request.headers.get("idempotency-key")
+    if not key:
+        answer = await run_in_threadpool(submit, api, sub)
+        return JSONResponse(answer, status_code=201)
+    if len(key) > 255:
+        raise ApiError(422, "request.invalid", "Idempotency-Key: at most 255 characters")
+    status, answer = await run_in_threadpool(
+        idempotent, api, _idem_key(caller, key), _body_digest(request, body),
+        lambda: submit(api, sub),
     )  # fmt: skip
-    async def create_batch(request: Request, caller: Writer) -> Response:
-        body = await read_body(request, api.settings.api_max_body_bytes)
-        sub = await run_in_threadpool(parse_submission, api, request, body)
-        key = request.headers.get("idempotency-key")
-        if not key:
-            answer = await run_in_threadpool(submit, api, sub)
-            return JSONResponse(answer, status_code=201)
-        if len(key) > 255:
-            raise ApiError(422, "request.invalid", "Idempotency-Key: at most 255 characters")
-        status, answer = await run_in_threadpool(
-            idempotent, api, _idem_key(caller, key), _body_digest(request, body),
-            lambda: submit(api, sub),
-        )  # fmt: skip
-        return JSONResponse(answer, status_code=status)
+    return JSONResponse(answer, status_code=status)
 
-    @app.get("/v1/batches", responses=_errors(400, 401, 403, 422, 429, 503))
-    def list_batches(
-        caller: Reader,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
-    ) -> dict[str, Any]:
-        start = 0
-        if cursor:
-            rank = api.redis.zrevrank("bgswap:batches", cursor)
-            if rank is None:
-                raise ApiError(400, "request.cursor", "unknown cursor")
-            start = int(rank) + 1
-        ids: list[str] = api.redis.zrevrange("bgswap:batches", start, start + limit)
-        page = ids[:limit]
-        return {
-            "batches": [batch_fields(api.store, b) for b in page],
-            "next_cursor": page[-1] if len(ids) > limit else None,
-        }
 
-    @app.get("/v1/batches/{batch_id}", responses=READ_ERRORS)
-    def get_batch(batch_id: str, caller: Reader) -> dict[str, Any]:
-        return StatusReader(api.store, _known(batch_id)).read()
+@router.get("/v1/batches", responses=_errors(400, 401, 403, 422, 429, 503))
+def list_batches(
+    caller: Reader,
+    api: ApiDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    start = 0
+    if cursor:
+        rank = api.redis.zrevrank("bgswap:batches", cursor)
+        if rank is None:
+            raise ApiError(400, "request.cursor", "unknown cursor")
+        start = int(rank) + 1
+    ids: list[str] = api.redis.zrevrange("bgswap:batches", start, start + limit)
+    page = ids[:limit]
+    return {
+        "batches": [batch_fields(api.store, b) for b in page],
+        "next_cursor": page[-1] if len(ids) > limit else None,
+    }
 
-    @app.get(
-        "/v1/batches/{batch_id}/results",
-        response_class=StreamingResponse,
-        responses={
-            200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
-                  "description": "the output manifest (Accept: text/csv for CSV)"},
-            **READ_ERRORS,
-        },
-    )  # fmt: skip
-    def results(batch_id: str, request: Request, caller: Reader) -> Response:
-        batch_id = _known(batch_id)
-        api.store.meta(batch_id)  # 404 before the stream starts
-        if "text/csv" in request.headers.get("accept", ""):
-            return StreamingResponse(_csv(api.store, batch_id), media_type="text/csv")
-        return StreamingResponse(_jsonl(api.store, batch_id), media_type="application/x-ndjson")
 
-    @app.post("/v1/batches/{batch_id}/cancel", responses=WRITE_ERRORS)
-    def cancel(batch_id: str, caller: Writer) -> dict[str, Any]:
-        batch_id = _known(batch_id)
-        outcome = runner.cancel_batch(api.settings, api.store, batch_id)
-        if outcome.complete:
-            runner.enqueue_finalize(api.celery_app, batch_id)
-        return {
-            **StatusReader(api.store, batch_id).read(),
-            "canceled_rows": outcome.canceled,
-            "canceled_in_flight": outcome.in_flight,
-        }
+@router.get("/v1/batches/{batch_id}", responses=READ_ERRORS)
+def get_batch(batch_id: str, caller: Reader, api: ApiDep) -> dict[str, Any]:
+    return StatusReader(api.store, _known(batch_id)).read()
 
-    @app.post("/v1/batches/{batch_id}/retry", responses=WRITE_ERRORS)
-    def retry(batch_id: str, caller: Writer) -> dict[str, Any]:
-        batch_id = _known(batch_id)
-        indices = runner.requeue_failed(api.store, batch_id)
-        runner.publish_retries(api.celery_app, batch_id, indices)
-        return {**StatusReader(api.store, batch_id).read(), "requeued_rows": len(indices)}
+
+@router.get(
+    "/v1/batches/{batch_id}/results",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
+              "description": "the output manifest (Accept: text/csv for CSV)"},
+        **READ_ERRORS,
+    },
+)  # fmt: skip
+def results(batch_id: str, request: Request, caller: Reader, api: ApiDep) -> Response:
+    batch_id = _known(batch_id)
+    api.store.meta(batch_id)  # 404 before the stream starts
+    if "text/csv" in request.headers.get("accept", ""):
+        return StreamingResponse(_csv(api.store, batch_id), media_type="text/csv")
+    return StreamingResponse(_jsonl(api.store, batch_id), media_type="application/x-ndjson")
+
+
+@router.post("/v1/batches/{batch_id}/cancel", responses=WRITE_ERRORS)
+def cancel(batch_id: str, caller: Writer, api: ApiDep) -> dict[str, Any]:
+    batch_id = _known(batch_id)
+    reason = "canceled by POST /v1/batches/{id}/cancel"
+    outcome = runner.cancel_batch(api.settings, api.store, batch_id, reason=reason)
+    if outcome.complete:
+        runner.enqueue_finalize(api.celery_app, batch_id)
+    return {
+        **StatusReader(api.store, batch_id).read(),
+        "canceled_rows": outcome.canceled,
+        "canceled_in_flight": outcome.in_flight,
+    }
+
+
+@router.post("/v1/batches/{batch_id}/retry", responses=WRITE_ERRORS)
+def retry(batch_id: str, caller: Writer, api: ApiDep) -> dict[str, Any]:
+    batch_id = _known(batch_id)
+    indices = runner.requeue_failed(api.store, batch_id)
+    runner.publish_retries(api.celery_app, batch_id, indices)
+    return {**StatusReader(api.store, batch_id).read(), "requeued_rows": len(indices)}
 
 
 def _jsonl(store: BatchStore, batch_id: str) -> Iterator[str]:

@@ -340,7 +340,12 @@ class CancelOutcome:
 
 
 def cancel_batch(
-    settings: Settings, store: BatchStore, batch_id: str, *, take_back: bool = False
+    settings: Settings,
+    store: BatchStore,
+    batch_id: str,
+    *,
+    take_back: bool = False,
+    reason: str = "canceled by `bgswap cancel`",
 ) -> CancelOutcome:
     """Stop the rest of a batch: the batch is marked canceled (workers polling a provider
     see it and stop), in-flight provider requests are canceled where the provider can,
@@ -353,7 +358,7 @@ def cancel_batch(
         store.take_back(batch_id)
     in_flight = cancel_in_flight(settings, store, batch_id)
     n, complete = 0, False
-    canceled = RowCanceled("canceled by `bgswap cancel`")
+    canceled = RowCanceled(reason)
     for index in list(store.indices_in_state(batch_id, "queued")):
         result = {
             "status": "canceled", "outputs": [], "cost_usd": 0.0, "error": canceled.to_dict()

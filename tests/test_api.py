@@ -258,8 +258,8 @@ def test_strict_refuses_every_bad_row_and_enqueues_nothing(serve: Serve, redis_u
     assert BatchStore.from_url(redis_url).batch_ids() == []
 
 
-def test_errors_have_one_shape_and_their_status(serve: Serve) -> None:
-    base = serve()
+def test_errors_have_one_shape_and_their_status(serve: Serve, tmp_path: Path) -> None:
+    base = serve(BGSWAP_API_RATE="")  # many calls in a row: test_each_token_has_its_rate
     row = {"id": "a", "image": "box.png", "prompt": "p"}
     with httpx.Client(base_url=base, headers=auth(WRITE)) as c:
         for path in ("/v1/batches/nope", "/v1/batches/nope/results", "/v1/batches/../x"):
@@ -280,6 +280,11 @@ def test_errors_have_one_shape_and_their_status(serve: Serve) -> None:
                      {"rows": [row], "output": "ftp://x/y"}):  # fmt: skip
             bad = c.post("/v1/batches", json=body)
             assert bad.status_code == 422 and error_code(bad) == "request.invalid", body
+        for output in ("/tmp/elsewhere", "out", str(tmp_path / "out-other"), str(tmp_path)):
+            bad = c.post("/v1/batches", json={"rows": [row], "output": output})
+            assert bad.status_code == 422 and error_code(bad) == "request.output", output
+        inside = c.post("/v1/batches", json={"rows": [row], "output": str(tmp_path / "out/x")})
+        assert inside.status_code == 201, inside.text
         assert c.post("/v1/batches", json={"rows": [row], "batch_id": "e1"}).status_code == 201
         taken = c.post("/v1/batches", json={"rows": [row], "batch_id": "e1"})
         assert taken.status_code == 409 and error_code(taken) == "batch.exists"
@@ -336,7 +341,7 @@ def over_the_cap_unfinished(base: str, cap: int) -> bytes:
         return sock.recv(64)  # no final chunk: the answer cannot wait for the end
 
 
-def test_each_token_has_its_request_rate(serve: Serve) -> None:
+def test_each_token_has_its_rate(serve: Serve) -> None:
     base = serve(BGSWAP_API_RATE="3/m")
     with httpx.Client(base_url=base) as c:
         answers = [c.get("/v1/batches", headers=auth(READ)) for _ in range(4)]
@@ -437,6 +442,7 @@ def test_cancel_and_retry(serve: Serve, redis_url: str) -> None:
             assert wait_done(c, "c1")["state"] == "canceled"
             lines = c.get("/v1/batches/c1/results").text.splitlines()
             assert [json.loads(x)["status"] for x in lines] == ["canceled"] * 3
+            assert json.loads(lines[0])["error"]["code"] == "job.canceled"
             # a row whose source is not there yet fails; retry runs it again
             later = files.url("/later.png")
             rows = [{"id": "a", "image": "box.png", "prompt": "p"},
