@@ -486,7 +486,29 @@ def _batch_schema() -> dict[str, Any]:
     schema = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)
     text = {"schema": {"type": "string"}}
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": {"type": kind},
+         "description": f"with a CSV or JSON Lines body: {what}"}
+        for name, kind, what in (
+            ("batch_id", "string", "the batch id"),
+            ("output", "string", "where results go"),
+            ("provider", "string", "runware | fal | local"),
+            ("prompt", "string", "the default prompt template"),
+            ("callback_url", "string", "https URL kept in the batch meta"),
+            ("strict", "boolean", "refuse the whole manifest on a bad row"),
+            ("force", "boolean", "skip no row"),
+            ("options", "string", "a JSON object of option defaults (or options.NAME=VALUE)"),
+        )
+    ]  # fmt: skip
+    key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 255},
+        "description": "the same key and body: the first answer again (24 h, per token)",
+    }
     return {
+        "parameters": [key, *query],
         "requestBody": {
             "required": True,
             "content": {
@@ -494,7 +516,7 @@ def _batch_schema() -> dict[str, Any]:
                 "text/csv": text,
                 "application/x-ndjson": text,
             },
-        }
+        },
     }
 
 

@@ -934,6 +934,9 @@ def serve(
             "bgswap serve needs BGSWAP_BROKER_URL: the API enqueues rows for workers "
             "that run elsewhere (celery -A worker worker)"
         )
+    if not settings.api_token_list:
+        err.print("[yellow]warning:[/yellow] BGSWAP_API_TOKENS is not set: every /v1/batches "
+                  "call will be refused (401)", highlight=False)  # fmt: skip
     import uvicorn  # noqa: PLC0415 - only this command serves
 
     from producer.api import create_app  # noqa: PLC0415
