@@ -165,8 +165,8 @@ def authenticate(settings: Settings, header: str | None, scope: str) -> Caller:
     digest = hashlib.sha256(token.strip().encode()).hexdigest()
     found: str | None = None
     for granted, known in settings.api_token_list:
-        if hmac.compare_digest(digest, known):
-            found = granted
+        if hmac.compare_digest(digest, known) and found != "write":
+            found = granted  # listed twice: write wins
     if found is None:
         raise ApiError(401, "auth.invalid", "unknown token")
     if scope == "write" and found != "write":
@@ -184,7 +184,9 @@ async def _limit(api: Api, caller: Caller) -> None:
     if not rate:
         return
     if api.limiter is None:  # made on the server's loop: redis.asyncio binds to it
-        api.limiter_client = aioredis.Redis.from_url(api.settings.effective_redis_url)
+        api.limiter_client = aioredis.Redis.from_url(
+            api.settings.effective_redis_url, socket_timeout=5, socket_connect_timeout=5
+        )
         api.limiter = RedisRateLimiter(api.limiter_client)
     try:
         limit = parse_rate(rate)  # a period's worth at once, then the steady rate

@@ -493,3 +493,25 @@ def test_a_manifest_by_url(serve: Serve) -> None:
         assert big.status_code == 413 and error_code(big) == "request.manifest_url"
         gone = c.post("/v1/batches", json={"manifest_url": files.url("/nope.csv")})
         assert gone.status_code == 422 and error_code(gone) == "request.manifest_url"
+
+
+def test_tokens_are_known_by_their_sha256_and_write_implies_read() -> None:
+    from producer.api import ApiError, authenticate
+
+    settings = Settings(
+        api_tokens=f"read:{sha(READ)}, write:{sha(WRITE).upper()},read:{sha(WRITE)}"
+    )
+    assert authenticate(settings, f"Bearer {READ}", "read").scope == "read"
+    assert authenticate(settings, f"bearer {WRITE}", "write").scope == "write"  # listed twice
+    assert authenticate(settings, f"Bearer {WRITE}", "read").token == sha(WRITE)
+    for header, scope, status in (
+        (None, "read", 401), (f"Bearer {sha(READ)}", "read", 401), ("Bearer ", "read", 401),
+        (f"Token {READ}", "read", 401), (f"Bearer {READ}", "write", 403),
+    ):  # fmt: skip
+        with pytest.raises(ApiError) as refused:
+            authenticate(settings, header, scope)
+        assert refused.value.status == status, header
+    with pytest.raises(ValueError, match="scope:sha256hex"):
+        Settings(api_tokens=f"admin:{sha(READ)}")
+    with pytest.raises(ValueError, match="scope:sha256hex"):
+        Settings(api_tokens="write:my-plain-token")
