@@ -8,6 +8,7 @@ made the way ``bgswap submit`` makes one: rows given inline become JSON Lines re
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import io
@@ -52,7 +53,7 @@ from worker.netguard import is_public_address
 from worker.providers import default_provider
 from worker.ratelimit import parse_rate
 from worker.ratelimit.backends.redis import RedisRateLimiter
-from worker.report import FIELDS, spreadsheet_safe
+from worker.report import FIELDS, csv_cells
 from worker.report import manifest_lines as report_lines
 from worker.settings import Settings
 from worker.state import BatchNotFound, BatchStore
@@ -732,18 +733,12 @@ def _jsonl(store: BatchStore, batch_id: str) -> Iterator[str]:
 
 
 def _csv(store: BatchStore, batch_id: str) -> Iterator[str]:
-    import csv  # noqa: PLC0415
-
+    """The output manifest as `bgswap results --format csv` writes it, 200 rows a chunk."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS)
     writer.writeheader()
     for n, line in enumerate(report_lines(store, batch_id), 1):
-        writer.writerow({
-            k: spreadsheet_safe(
-                json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
-            )
-            for k, v in line.items()
-        })  # fmt: skip
+        writer.writerow(csv_cells(line))
         if n % 200 == 0:
             yield buf.getvalue()
             buf.seek(0)
