@@ -14,6 +14,7 @@ BENCHMARKS = (
     "bench.paid_once",
     "bench.image_memory",
     "bench.skip",
+    "bench.api",
 )
 
 

@@ -38,7 +38,7 @@ from producer.manifest import RowDefaults, RowOutcome, read_manifest
 from producer.skips import Skipper
 from producer.summary import StatusReader, batch_fields, failures_by_code, final_summary
 from worker.callbacks import CallbackUrlError, check_callback_destination
-from worker.errors import BgswapError, ManifestUnreadable, RowCanceled, Unreachable, UsageError
+from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError
 from worker.providers import default_provider
 from worker.report import manifest_lines, write_csv, write_jsonl
 from worker.settings import Settings, load_settings
@@ -886,20 +886,11 @@ def retry(batch: Annotated[str, typer.Argument(help="batch id")]) -> None:
     """Re-enqueue the failed rows of a batch (rows rejected by validation stay failed).
     On the embedded default with no run going on, run them now."""
     with interrupts() as stop, _backend(_settings(), runs_rows=False) as backend:
-        store = backend.store
-        total = int(store.meta(batch).get("total", 0))
-        indices = [
-            rec.index
-            for rec in store.records(batch, total)
-            if rec.state == "failed"
-            and not rec.job.get("rejected")
-            and store.requeue_failed(batch, rec.index)
-        ]
+        indices = runner.requeue_failed(backend.store, batch)
         err.print(f"{len(indices)} failed rows re-enqueued")
         if backend.owner:  # nobody else would run them: this command does
             raise typer.Exit(_drive(backend, batch, stop, None) if indices else 0)
-        messages = [(f"{batch}:{i}:retry-{int(time.time())}", batch, i) for i in indices]
-        runner.celery_publisher(backend.celery_app)(messages)
+        runner.publish_retries(backend.celery_app, batch, indices)
 
 
 @app.command()
@@ -907,26 +898,16 @@ def cancel(batch: Annotated[str, typer.Argument(help="batch id")]) -> None:
     """Stop the rest of a batch: queued rows become canceled, in-flight provider requests
     are canceled where the provider can (fal), and waiting rows stop waiting."""
     with _backend(_settings(), runs_rows=False) as backend:
-        settings, store = backend.settings, backend.store
-        store.meta(batch)  # BatchNotFound (exit 2) for an unknown id
-        store.set_meta(batch, canceled="1")  # workers polling a provider see it and stop
-        if backend.owner:
-            store.take_back(batch)  # rows an ended run held: nobody works on them
-        in_flight = runner.cancel_in_flight(settings, store, batch)
-        n, complete = 0, False
-        canceled = RowCanceled("canceled by `bgswap cancel`")
-        for index in list(store.indices_in_state(batch, "queued")):
-            result = {
-                "status": "canceled", "outputs": [], "cost_usd": 0.0, "error": canceled.to_dict()
-            }  # fmt: skip
-            verdict = store.finish(batch, index, "canceled", result, allowed_from=("queued",))
-            n += verdict.value != "terminal"
-            complete = complete or verdict.value == "complete"
-        if complete and backend.owner:
+        settings = backend.settings
+        outcome = runner.cancel_batch(settings, backend.store, batch, take_back=backend.owner)
+        if outcome.complete and backend.owner:
             runner.finalize_here(settings, batch)
-        elif complete:
+        elif outcome.complete:
             runner.enqueue_finalize(backend.celery_app, batch)
-    err.print(f"{n} queued rows canceled; {in_flight} in-flight provider requests canceled")
+    err.print(
+        f"{outcome.canceled} queued rows canceled; "
+        f"{outcome.in_flight} in-flight provider requests canceled"
+    )
 
 
 @app.command()
@@ -984,3 +965,26 @@ def schedules(
             r["last_batch"] or "-", r["last_batch_state"] or "-", r["last_skip_reason"] or "-",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port")] = 8000,
+) -> None:
+    """Serve the HTTP API (producer/api.py) over the configured broker's batches."""
+    settings = _settings()
+    if not settings.broker_url:
+        raise UsageError(
+            "bgswap serve needs BGSWAP_BROKER_URL: the API enqueues rows for workers "
+            "that run elsewhere (celery -A worker worker)"
+        )
+    if not settings.api_token_list:
+        err.print("[yellow]warning:[/yellow] BGSWAP_API_TOKENS is not set: every /v1/batches "
+                  "call will be refused (401)", highlight=False)  # fmt: skip
+    import uvicorn  # noqa: PLC0415 - only this command serves
+
+    from producer.api import create_app  # noqa: PLC0415
+
+    # The access log names method, path and status: never a header (the bearer token).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

@@ -36,7 +36,14 @@ from producer.publish import bulk_publisher
 from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
 from producer.skips import Skipper
 from producer.staging import Stager, needs_staging
-from worker.errors import BgswapError, ManifestUnreadable, Unreachable, UsageError, redact_url
+from worker.errors import (
+    BgswapError,
+    ManifestUnreadable,
+    RowCanceled,
+    Unreachable,
+    UsageError,
+    redact_url,
+)
 from worker.index import FingerprintIndex
 from worker.jobs import TASK_FINALIZE_BATCH, finalize_task_id
 from worker.providers import available, get_provider, missing_key
@@ -297,12 +304,18 @@ def active_memories(store: BatchStore, batch_id: str) -> Iterator[tuple[int, dic
 
 
 def provider_queue(store: BatchStore, batch_id: str) -> tuple[int, int] | None:
-    """(rows waiting in a provider's queue, the deepest queue position), if any wait."""
-    positions = [
-        int(m["queue_position"])
-        for _, m in active_memories(store, batch_id)
+    """(rows waiting in a provider's queue, the deepest queue position), if any wait.
+    The rows' states are scanned only when some provider memory says it waits."""
+    waiting = {
+        index: int(m["queue_position"])
+        for index, m in store.provider_memories(batch_id)
         if m.get("state") == "IN_QUEUE" and isinstance(m.get("queue_position"), int)
-    ]
+    }
+    if not waiting:
+        return None
+    active = set(store.indices_in_state(batch_id, "running"))
+    active |= set(store.indices_in_state(batch_id, "queued"))
+    positions = [position for index, position in waiting.items() if index in active]
     return (len(positions), max(positions)) if positions else None
 
 
@@ -319,6 +332,64 @@ def cancel_in_flight(settings: Settings, store: BatchStore, batch_id: str) -> in
         except BgswapError as exc:  # one failed cancel must not stop the others
             log.warning("row %d: cancel failed: %s", index, exc.code)
     return canceled
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    canceled: int  # queued rows now canceled
+    in_flight: int  # provider requests canceled
+    complete: bool  # the batch has every row terminal now: its manifest is due
+
+
+def cancel_batch(
+    settings: Settings,
+    store: BatchStore,
+    batch_id: str,
+    *,
+    take_back: bool = False,
+    reason: str = "canceled by `bgswap cancel`",
+) -> CancelOutcome:
+    """Stop the rest of a batch: the batch is marked canceled (workers polling a provider
+    see it and stop), in-flight provider requests are canceled where the provider can,
+    queued rows end ``canceled``. ``take_back``: this process owns an embedded server no
+    worker runs on, so rows an ended run held go back to queued first. The caller
+    finalizes a batch that is ``complete`` (here, or through a worker)."""
+    store.meta(batch_id)  # BatchNotFound for an unknown id
+    store.set_meta(batch_id, canceled="1")
+    if take_back:
+        store.take_back(batch_id)
+    in_flight = cancel_in_flight(settings, store, batch_id)
+    n, complete = 0, False
+    canceled = RowCanceled(reason)
+    for index in list(store.indices_in_state(batch_id, "queued")):
+        result = {
+            "status": "canceled", "outputs": [], "cost_usd": 0.0, "error": canceled.to_dict()
+        }  # fmt: skip
+        verdict = store.finish(batch_id, index, "canceled", result, allowed_from=("queued",))
+        n += verdict.value != "terminal"
+        complete = complete or verdict.value == "complete"
+    return CancelOutcome(canceled=n, in_flight=in_flight, complete=complete)
+
+
+def requeue_failed(store: BatchStore, batch_id: str) -> list[int]:
+    """Put the failed rows of a batch back to queued (not those rejected by validation);
+    returns their indices. The caller publishes them (``publish_retries``) or runs them."""
+    total = int(store.meta(batch_id).get("total", 0))  # BatchNotFound for an unknown id
+    return [
+        rec.index
+        for rec in store.records(batch_id, total)
+        if rec.state == "failed"
+        and not rec.job.get("rejected")
+        and store.requeue_failed(batch_id, rec.index)
+    ]
+
+
+def publish_retries(app: Any, batch_id: str, indices: Sequence[int]) -> None:
+    """One message for each row ``requeue_failed`` put back."""
+    stamp = int(time.time())
+    messages = [(f"{batch_id}:{i}:retry-{stamp}", batch_id, i) for i in indices]
+    for lo in range(0, len(messages), 500):
+        celery_publisher(app)(messages[lo : lo + 500])
 
 
 def terminal_count(counts: dict[str, int]) -> int:

@@ -96,9 +96,8 @@ def batch_fields(store: BatchStore, batch_id: str) -> dict[str, Any]:
     """One line of ``bgswap batches --json``: the status fields, without the provider
     queue (that scans every active row)."""
     meta, counts = store.meta(batch_id), store.counts(batch_id)
-    fields = status_fields(
-        batch_id, meta, counts, failures_by_code(store, batch_id), datetime.now(UTC)
-    )
+    codes = failures_by_code(store, batch_id) if counts["failed"] else {}
+    fields = status_fields(batch_id, meta, counts, codes, datetime.now(UTC))
     if not fields["counts"]["total"]:  # still being submitted: the rows so far
         fields["counts"]["total"] = store.recorded(batch_id)
     return fields
@@ -118,7 +117,8 @@ class StatusReader:
         meta = self.store.meta(self.batch_id)  # BatchNotFound for an unknown id
         counts = self.store.counts(self.batch_id)
         if counts["failed"] != self._failed:
-            self._codes = failures_by_code(self.store, self.batch_id)
+            # No failed row: nothing to scan (a status read of a big batch stays cheap).
+            self._codes = failures_by_code(self.store, self.batch_id) if counts["failed"] else {}
             self._failed = counts["failed"]
         fields = status_fields(self.batch_id, meta, counts, self._codes, now or datetime.now(UTC))
         active = counts["running"] + counts["queued"]

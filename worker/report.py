@@ -84,15 +84,17 @@ def write_csv(lines: Iterable[dict[str, Any]], out: IO[str]) -> int:
     writer.writeheader()
     n = 0
     for line in lines:
-        flat = {
-            k: spreadsheet_safe(
-                json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
-            )
-            for k, v in line.items()
-        }
-        writer.writerow(flat)
+        writer.writerow(csv_cells(line))
         n += 1
     return n
+
+
+def csv_cells(line: dict[str, Any]) -> dict[str, object]:
+    """One output manifest line as CSV cells: lists and objects as JSON, defused."""
+    return {
+        k: spreadsheet_safe(json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v)
+        for k, v in line.items()
+    }
 
 
 def spool_manifest(store: BatchStore, batch_id: str) -> Path:

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     # taken over by another process's watchdog within this plus the watchdog interval.
     row_lease_s: float = Field(default=60.0, ge=3)
     visibility_timeout_s: int = Field(default=150, ge=10)
+    # `bgswap serve`: bearer tokens as `scope:sha256hex` entries (comma-separated; the
+    # tokens themselves are never stored), and the limits of one request.
+    api_tokens: str | None = None
+    api_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    api_max_rows: int = Field(default=10_000, ge=1)
+    api_rate: str | None = "20/s"
 
     # Schedules (worker/schedules.py, producer/scheduler.py): the schedule file that
     # `celery -A worker beat` fires, how often beat sends its tick, and the largest
@@ -183,7 +189,24 @@ class Settings(BaseSettings):
     def output_prefix_list(self) -> list[str]:
         return [p.strip().rstrip("/") for p in (self.output_prefixes or "").split(",") if p.strip()]
 
-    @field_validator("runware_rate", "fal_rate")
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens(cls, value: str | None) -> str | None:
+        for entry in (value or "").split(","):
+            if entry.strip() and not re.fullmatch(r"(read|write):[0-9a-fA-F]{64}", entry.strip()):
+                raise ValueError(
+                    "expected scope:sha256hex entries, the scope read or write and the "
+                    "sha256 of the token in 64 hex digits, separated by commas"
+                )
+        return value
+
+    @property
+    def api_token_list(self) -> list[tuple[str, str]]:
+        """(scope, sha256 hex in lower case) of every configured API token."""
+        entries = [e.strip() for e in (self.api_tokens or "").split(",") if e.strip()]
+        return [(scope, digest.lower()) for scope, _, digest in (e.partition(":") for e in entries)]
+
+    @field_validator("runware_rate", "fal_rate", "api_rate")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
         if value:
