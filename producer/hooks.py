@@ -161,6 +161,19 @@ class Hooks:
         return JSONResponse(answer, status_code=status)
 
 
+# What a hook may answer besides its batch (``{"error": {"code", "message"}}``), for the
+# OpenAPI schema.
+HOOK_ERRORS: dict[int | str, dict[str, Any]] = {
+    201: {"description": "the delivery's batch was made"},
+    400: {"description": "a body or header that is not a delivery"},
+    401: {"description": "a bad, stale or replayed signature"},
+    409: {"description": "the same delivery is being handled; retry"},
+    413: {"description": "the batch's rows over the limit"},
+    422: {"description": "the batch refused (as POST /v1/batches)"},
+    503: {"description": "the hook's secret or mapping is not configured"},
+}
+
+
 def hooks_router(
     settings: Settings,
     submit: Submit,
@@ -173,12 +186,12 @@ def hooks_router(
     hooks = Hooks(settings, submit, client, clock)
     router = APIRouter()
 
-    @router.post("/v1/hooks/shopify")
+    @router.post("/v1/hooks/shopify", responses=HOOK_ERRORS)
     async def shopify(request: Request) -> JSONResponse:
         raw = await request.body()
         return await run_in_threadpool(hooks.shopify, raw, dict(request.headers))
 
-    @router.post("/v1/hooks/generic")
+    @router.post("/v1/hooks/generic", responses=HOOK_ERRORS)
     async def generic(request: Request) -> JSONResponse:
         raw = await request.body()
         return await run_in_threadpool(hooks.generic, raw, dict(request.headers))

@@ -469,7 +469,14 @@ def test_cancel_and_retry(serve: Serve, redis_url: str) -> None:
 
 @pytest.mark.slow
 def test_the_openapi_schema_holds_no_5xx_and_answers_conform(serve: Serve, tmp_path: Path) -> None:
-    base = serve(BGSWAP_API_RATE="")
+    # The hooks configured, so that they are in the schema and fuzzed too.
+    mapping = json.dumps({"prompt": "{title}", "provider": "local"})
+    base = serve(
+        BGSWAP_API_RATE="",
+        BGSWAP_HOOK_SECRET="s1",
+        BGSWAP_SHOPIFY_WEBHOOK_SECRET="s2",
+        BGSWAP_SHOPIFY_MAPPING=mapping,
+    )
     done = subprocess.run(
         [
             str(BIN / "schemathesis"), "run", f"{base}/openapi.json",
