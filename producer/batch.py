@@ -162,6 +162,13 @@ def estimate(
     return report
 
 
+def _job(outcome: RowOutcome, spec: JobSpec, options: SubmitOptions, fp: str | None) -> Job:
+    bid = options.batch_id
+    dest = row_destination(spec, options.output, bid)
+    return Job(batch_id=bid, index=outcome.index, line=outcome.line, spec=spec, dest=dest,
+               fingerprint=fp)  # fmt: skip
+
+
 class Submitter:
     def __init__(
         self,
@@ -248,14 +255,7 @@ class Submitter:
                 rows.append((staged.index, job_json, "failed", json.dumps(result)))
                 continue
             spec = staged.spec
-            job = Job(
-                batch_id=bid,
-                index=staged.index,
-                line=staged.line,
-                spec=spec,
-                dest=row_destination(spec, options.output, bid),
-                fingerprint=decision.fingerprint if decision is not None else None,
-            )
+            job = _job(staged, spec, options, decision.fingerprint if decision else None)
             report.valid += 1
             report.estimated_cost_usd += self.providers(spec.provider).estimate_cost(spec)
             rows.append((staged.index, job.model_dump_json(), "queued", None))
@@ -270,15 +270,7 @@ class Submitter:
         self, outcome: RowOutcome, spec: JobSpec, decision: Decision, options: SubmitOptions
     ) -> tuple[int, str, str, str]:
         assert decision.entry is not None
-        bid = options.batch_id
-        job = Job(
-            batch_id=bid,
-            index=outcome.index,
-            line=outcome.line,
-            spec=spec,
-            dest=row_destination(spec, options.output, bid),
-            fingerprint=decision.fingerprint,
-        )
+        job = _job(outcome, spec, options, decision.fingerprint)
         model = self.providers(spec.provider).model
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         result = skipped_record(decision.entry, spec, decision.fingerprint, model, now)

@@ -50,7 +50,7 @@ TAKEN_TTL_S = 400 * 86400  # a watched manifest taken is remembered this long
 # A batch id recorded as active whose batch does not exist after this long: its
 # submission died before the batch was created; it blocks nothing.
 SUBMITTING_GRACE_S = 600.0
-UNFINISHED = ("done", "failed")
+FINISHED = ("done", "failed")  # the statuses of a batch that has ended
 
 
 class ScheduleLog:
@@ -190,7 +190,7 @@ def running_batch(store: BatchStore, status: dict[str, str]) -> tuple[str, str] 
         since = float(status.get("active_since") or 0)
         return (active, "submitting") if time.time() - since < SUBMITTING_GRACE_S else None
     meta = store.meta(active)
-    if meta.get("status") in UNFINISHED:
+    if meta.get("status") in FINISHED:
         return None
     return active, batch_fields(store, active)["state"]
 
