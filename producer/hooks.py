@@ -28,8 +28,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from producer.shopify import TOPICS, MappingError, PayloadError, batch_body, load_mapping
-from producer.signing import HEADER, TOLERANCE_S, SignatureError, verify, verify_shopify
 from worker.settings import Settings
+from worker.signing import HEADER, TOLERANCE_S, SignatureError, verify, verify_shopify
 
 log = logging.getLogger("bgswap.hooks")
 

@@ -25,11 +25,11 @@ from conftest import free_port
 from batching import BIN, clean_env
 from examples.make_examples import product_shot
 from producer.embedded import inprocess_worker
-from producer.signing import sign
 from servers.files import FileServer
 from worker import runtime
 from worker.celery_app import app, apply_config
 from worker.settings import Settings
+from worker.signing import sign
 from worker.state import BatchStore
 
 READ, WRITE, WRITE2 = "read-token-1", "write-token-1", "write-token-2"

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from producer.signing import verify
 from servers.callbacks import CallbackReceiver
 from worker import callbacks
 from worker.callbacks import (
@@ -25,6 +24,7 @@ from worker.callbacks import (
     schedule,
 )
 from worker.settings import Settings
+from worker.signing import verify
 from worker.state import BatchStore
 
 SECRET = "cb-secret-9d2e"

@@ -14,9 +14,9 @@ import pytest
 import redis as redis_lib
 
 from batching import bgswap, clean_env, png, start_worker
-from producer.signing import verify
 from servers.callbacks import CallbackReceiver
 from worker.callbacks import event_id
+from worker.signing import verify
 from worker.state import BatchStore
 
 SECRET = "cb-e2e-secret-51c0"

@@ -23,8 +23,8 @@ from conftest import free_port
 from fastapi import FastAPI
 
 from producer.hooks import hooks_router
-from producer.signing import sign
 from worker.settings import Settings
+from worker.signing import sign
 
 SHOPIFY_SECRET = "shpss_test_secret"
 HOOK_SECRET = "hook-secret-1"

@@ -1,4 +1,4 @@
-"""producer/signing.py: bgswap's signature header and Shopify's HMAC."""
+"""worker/signing.py: bgswap's signature header and Shopify's HMAC."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from producer.signing import SignatureError, parse, shopify_hmac, sign, verify, verify_shopify
+from worker.signing import SignatureError, parse, shopify_hmac, sign, verify, verify_shopify
 
 SECRET = "whsec_test_7f3a"
 BODY = b'{"batch_id":"b1","type":"batch.completed"}'

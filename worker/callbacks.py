@@ -4,7 +4,7 @@
      "batch_id", "counts", "cost_usd", "manifest_url"}
 
 signed with ``BGSWAP_CALLBACK_SECRET`` (``X-Bgswap-Signature: t=...,v1=...``, see
-producer/signing.py; unset: sent unsigned, with one warning per process).
+worker/signing.py; unset: sent unsigned, with one warning per process).
 
 At least once, surviving any worker's death. The schedule lives in Redis, not in broker
 messages: ``bgswap:callbacks`` is a sorted set of batch ids scored by the time of their
@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from producer.signing import HEADER, sign
 from worker.netguard import (
     GuardedBackend,
     PrivateAddressRefused,
@@ -50,6 +49,7 @@ from worker.netguard import (
     is_public_address,
 )
 from worker.settings import Settings
+from worker.signing import HEADER, sign
 from worker.state import BatchNotFound, BatchStore
 
 log = logging.getLogger("bgswap.callbacks")
