@@ -164,6 +164,13 @@ class Settings(BaseSettings):
     callback_retry_cap_s: float = Field(default=3600.0, gt=0)
     callback_deadline_s: float = Field(default=86_400.0, gt=0)
 
+    # Operations (deploy/README.md): Prometheus metrics on this port (workers and the
+    # API, each process's own listener; unset: none), the address it binds, and the
+    # log format (``text`` for a terminal, ``json`` for one object a line).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("output_prefixes")
     @classmethod
     def _prefixes(cls, value: str | None) -> str | None:
