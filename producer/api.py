@@ -9,6 +9,7 @@ made the way ``bgswap submit`` makes one: rows given inline become JSON Lines re
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import hmac
 import io
@@ -34,13 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import preflight, runner
+from producer import health, preflight, runner
 from producer.batch import check_batch_id, estimate, new_batch_id, output_root
 from producer.hooks import hooks_router
 from producer.infra import INFRA_ERRORS
 from producer.manifest import RowDefaults, RowOutcome, detect_format, read_manifest
 from producer.summary import StatusReader, batch_fields
 from producer.validation import is_private_host
+from worker import metrics
 from worker.errors import (
     BgswapError,
     Codes,
@@ -50,6 +52,7 @@ from worker.errors import (
     UsageError,
 )
 from worker.fetch import SourceFetcher
+from worker.limits import in_flight
 from worker.netguard import is_public_address
 from worker.providers import default_provider
 from worker.ratelimit import parse_rate
@@ -547,12 +550,57 @@ def create_app(settings: Settings) -> FastAPI:
         api.store.redis.close()
 
     app = FastAPI(title="bgswap", version="1", lifespan=lifespan)
+    app.add_middleware(RequestMetrics)
     app.state.api = api
     _handlers(app)
     app.include_router(router)
     if settings.hook_secret or settings.shopify_webhook_secret:  # else no such routes (404)
         app.include_router(hooks_router(settings, hook_submit(api), client=api.redis))
     return app
+
+
+class RequestMetrics:
+    """Counts each request by method, route template and status (worker/metrics.py). The
+    template, never the path: a path is the caller's to choose, and each distinct label
+    value is a new series in Prometheus. Paths that match no route count as one."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = [500]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.api_request(scope["method"], template, status[0], time.monotonic() - started)
+
+
+def api_scrape(settings: Settings) -> metrics.ScrapeCollector:
+    """What the API's /metrics reads at each scrape: the providers' in-flight figures and
+    the queue's depth, from the same servers the API submits to."""
+    import worker.tasks  # noqa: F401, PLC0415 - the app with its queue
+    from worker.celery_app import QUEUE  # noqa: PLC0415
+    from worker.celery_app import app as celery_app  # noqa: PLC0415
+
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=health.TIMEOUT_S)
+
+    def depth() -> list[tuple[str, float]]:
+        found = health.gather_broker(settings, celery_app)[1]
+        return [] if found is None else [(QUEUE, float(found))]
+
+    return metrics.ScrapeCollector(functools.partial(in_flight, settings, client), depth)
 
 
 # A namespace for the hooks' idempotency keys, not a credential.
@@ -659,11 +707,13 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=_errors(503))
 def readyz(api: ApiDep) -> Response:
-    try:
-        api.redis.ping()
-    except (OSError, redis.RedisError) as exc:
-        return _error(503, "infra.unreachable", f"cannot reach Redis: {type(exc).__name__}")
-    return JSONResponse({"status": "ready"})
+    """Ready when Redis and the broker answer (producer/health.py); the workers' heartbeats
+    are reported, not required: rows wait in the queue for workers still starting."""
+    report = health.gather(api.settings, api.celery_app)
+    problems = health.verdict(report)
+    if problems:
+        return _error(503, "infra.unreachable", "; ".join(problems))
+    return JSONResponse(report.to_dict(problems) | {"status": "ready"})
 
 
 @router.post(

@@ -22,6 +22,7 @@ from producer.manifest import RowDefaults, RowOutcome
 from producer.skips import Decision, Skipper
 from producer.staging import Unstageable
 from producer.validation import KNOWN_COLUMNS
+from worker import metrics
 from worker.errors import FieldError, UsageError
 from worker.fingerprint import skipped_record
 from worker.jobs import Job, JobSpec, safe_id
@@ -263,6 +264,9 @@ class Submitter:
         if rows:
             # Record before publishing: a worker must always find its job record.
             self.store.add_rows(bid, rows)
+            for *_, done in rows:
+                if done is not None:  # terminal here: skipped, or refused at the door
+                    metrics.row_finished(json.loads(done))
         if messages:
             self.publish(messages)
 

@@ -968,6 +968,52 @@ def schedules(
 
 
 @app.command()
+def health(
+    this_host: Annotated[
+        bool, typer.Option("--this-host", help="also need a fresh worker heartbeat from this host")
+    ] = False,
+    require_workers: Annotated[
+        bool, typer.Option("--require-workers", help="also need a fresh heartbeat of any worker")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Do Redis and the broker answer, and which workers are alive? Exit 0 or 3."""
+    from producer.health import gather, verdict  # noqa: PLC0415
+    from producer.health import this_host as hostname  # noqa: PLC0415
+
+    settings = _settings()
+    if not (settings.broker_url or settings.redis_url):
+        raise UsageError(
+            "bgswap health checks a deployment: set BGSWAP_BROKER_URL (and BGSWAP_REDIS_URL "
+            "when the broker is not Redis)"
+        )
+    from worker.celery_app import app as celery_app  # noqa: PLC0415
+
+    report = gather(settings, celery_app)
+    problems = verdict(report, require_workers=require_workers,
+                       host=hostname() if this_host else None)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(problems)))
+    else:
+        _print_health(report, problems)
+    raise typer.Exit(3 if problems else 0)
+
+
+def _print_health(report: Any, problems: list[str]) -> None:
+    out = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    out.print(f"redis: {'ok' if report.redis is None else report.redis}")
+    depth = "" if report.queue_depth is None else f" ({report.queue_depth} messages queued)"
+    out.print(f"broker: {'ok' if report.broker is None else report.broker}{depth}")
+    fresh = report.fresh()
+    out.print(f"workers: {len(fresh)} with a heartbeat in the last {report.fresh_s:.0f}s")
+    for w in report.workers[:20]:
+        mark = "" if w.age_s <= report.fresh_s else " (stale)"
+        out.print(f"  {w.host} pid {w.pid}: {w.age_s:.0f}s ago{mark}")
+    for problem in problems:
+        err.print(f"[red]unhealthy:[/red] {problem}", highlight=False)
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port")] = 8000,
@@ -984,7 +1030,12 @@ def serve(
                   "call will be refused (401)", highlight=False)  # fmt: skip
     import uvicorn  # noqa: PLC0415 - only this command serves
 
-    from producer.api import create_app  # noqa: PLC0415
+    from producer.api import api_scrape, create_app  # noqa: PLC0415
+    from worker import logs, metrics  # noqa: PLC0415
 
+    logs.configure(settings.log_format)
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_host, settings.metrics_port, api_scrape(settings))
     # The access log names method, path and status: never a header (the bearer token).
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # log_config=None: uvicorn's loggers go through the handler configured above.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None)

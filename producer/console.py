@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
-from worker.errors import redact_url
+from worker import logs
 
 LOGGER = "bgswap"
 
@@ -57,43 +55,18 @@ def print_json(obj: Any, stream: TextIO | None = None) -> None:
 
 # -- verbose logging ----------------------------------------------------------------------
 
-_URL_WITH_SECRETS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]*(?:@|\?)[^\s'\"]*", re.I)
-
-
-def _secrets_from_env() -> list[str]:
-    """The values no log line may show: provider keys and the passwords in server URLs."""
-    found = [os.environ.get(name, "") for name in ("RUNWARE_API_KEY", "FAL_KEY")]
-    for name in ("BGSWAP_BROKER_URL", "BGSWAP_REDIS_URL"):
-        try:
-            found.append(urlsplit(os.environ.get(name, "")).password or "")
-        except ValueError:
-            continue
-    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
-
-
-class RedactingFormatter(logging.Formatter):
-    """Formats a record, traceback included, then drops URLs' userinfo and query strings
-    and every known secret from the text."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.secrets = secrets
-
-    def redact(self, text: str) -> str:
-        text = _URL_WITH_SECRETS.sub(lambda m: redact_url(m.group(0)), text)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self.redact(super().format(record))
-
 
 def enable_debug_logging(stream: TextIO | None = None) -> logging.Handler:
     """bgswap's loggers (``bgswap.*``) at DEBUG on stderr, secrets filtered out; other
     libraries keep their own levels (httpx would log presigned URLs at INFO)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(RedactingFormatter(_secrets_from_env()))
+    # Read before the settings are (-v must cover their errors too); a bad value is
+    # reported by the settings themselves.
+    secrets = logs.secrets_from_env()
+    if os.environ.get("BGSWAP_LOG_FORMAT") == "json":
+        handler.setFormatter(logs.JsonFormatter(secrets))
+    else:
+        handler.setFormatter(logs.RedactingFormatter(secrets))
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from producer.console import RedactingFormatter, enable_debug_logging
+from producer.console import enable_debug_logging
 from producer.manifest import read_manifest
 from producer.preflight import check_provider, strict_refusal
 from producer.suggest import column_suggestion
 from producer.validation import RowDefaults
 from worker.errors import Codes, UsageError
+from worker.logs import RedactingFormatter
 from worker.settings import Settings, load_settings
 
 

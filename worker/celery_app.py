@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init, setup_logging
 
+from worker import logs
 from worker.settings import Settings, get_settings
 
 app = Celery("bgswap", include=["worker.tasks"])
@@ -13,8 +16,21 @@ QUEUE = "bgswap"
 
 # httpx logs every request line at INFO, presigned query strings (signatures) included:
 # no secret may reach the logs, so these libraries only speak up for warnings.
-for _name in ("httpx", "httpcore", "botocore", "boto3", "urllib3"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+logs.quiet_libraries()
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _early_logging(**_: Any) -> None:
+    """Before the worker's own start-up checks, whose warnings must be in the format too."""
+    logs.configure(get_settings().log_format, logging.WARNING)
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """`celery -A worker worker|beat` log through bgswap's formatter (BGSWAP_LOG_FORMAT),
+    secrets redacted, instead of Celery's own: Celery configures nothing when this is
+    connected."""
+    logs.configure(get_settings().log_format, loglevel or logging.INFO)
 
 
 def apply_config(settings: Settings) -> None:

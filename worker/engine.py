@@ -42,6 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from worker import logs, metrics
 from worker.hold import Hold, Stale, Unsure
 from worker.jobs import Job
 from worker.pipeline import Deps, Later, LocalRows, advance, begin
@@ -173,11 +174,13 @@ class Engine:
 
     def _let_go(self, key: Key) -> None:
         self._held.pop(key, None)
+        metrics.rows_held(len(self._held))
         if self.deps.local is not None:
             self.deps.local.drop(key)
 
     def _take(self, key: Key, held: Held) -> None:
         self._held[key] = held
+        metrics.rows_held(len(self._held))
         gate = self._gates.get(held.job.spec.provider)
         local = self.deps.local
         fresh = local is not None and local.untouched(key)
@@ -229,7 +232,8 @@ class Engine:
             if held.retry:
                 held.attempt = self.deps.store.count_attempt(*key)
                 held.retry = False
-            return advance(held.job, self.deps, held.attempt, held.hold)
+            with logs.row_context(held.job.batch_id, held.job.spec.id, held.job.spec.provider):
+                return advance(held.job, self.deps, held.attempt, held.hold)
         except Stale as lost:
             log.warning("dropped row %s:%d: %s", *key, lost)
             held.lost = True
@@ -389,6 +393,7 @@ class Engine:
                 self._cv.wait(0.1)
             keys = [(k, h.hold.epoch) for k, h in self._held.items() if not h.lost]
             self._held.clear()
+            metrics.rows_held(0)
             if self.deps.local is not None:
                 self.deps.local.clear()
         self._stopped.set()

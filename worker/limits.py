@@ -25,14 +25,20 @@ import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from worker import metrics
 from worker.errors import Codes, ProviderAccountError, ProviderUnavailable, RetryableError
 from worker.ratelimit import CircuitBreaker, Rate, RateLimiter, Semaphore, limit_key, parse_rate
-from worker.ratelimit.backends.redis import RedisCircuitBreaker, RedisRateLimiter, RedisSemaphore
+from worker.ratelimit.backends.redis import (
+    DEFAULT_PREFIX,
+    RedisCircuitBreaker,
+    RedisRateLimiter,
+    RedisSemaphore,
+)
 from worker.settings import Settings
 
 T = TypeVar("T")
@@ -47,6 +53,7 @@ SLOT_RETRY_S = 1.0  # how soon a row that found no free slot looks again
 RATE_BURST = 2
 PENALTY = 0.5  # a 429 halves the account's rate...
 PENALTY_S = 60.0  # ...for a minute (compounding while 429s keep coming)
+MAX_WAITING_TRACKED = 10_000
 CIRCUIT_S = 300.0  # an auth/credit error closes the account for 5 minutes, for everyone
 
 
@@ -102,6 +109,23 @@ class ProviderLimits:
     # opens on an account error, which this process records at once (trip) and others
     # see within a second: a few rows may be submitted meanwhile, and fail like the first.
     _circuit: tuple[float, str | None] = (float("-inf"), None)
+    # Row -> when it was first refused (monotonic), for the admission-wait histogram.
+    _waiting: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return self.key.partition(":")[0]
+
+    def _refused(self, row: str, reason: str) -> None:
+        metrics.admission_refused(self.provider, reason)
+        if len(self._waiting) > MAX_WAITING_TRACKED:  # rows canceled while waiting
+            self._waiting.clear()
+        self._waiting.setdefault(row, time.monotonic())
+
+    def _admitted(self, row: str) -> None:
+        first = self._waiting.pop(row, None)
+        if first is not None:
+            metrics.admitted_after(self.provider, time.monotonic() - first)
 
     def _circuit_reason(self) -> str | None:
         read_at, reason = self._circuit
@@ -117,13 +141,16 @@ class ProviderLimits:
         if self.max_in_flight is not None:
             got = self.backends.slots.try_acquire(self.key, row, self.max_in_flight, LEASE_S)
             if not self.loop.run(got):
+                self._refused(row, "slots")
                 raise Deferred(SLOT_RETRY_S, f"{self.max_in_flight} requests already in flight")
         if self.rate is not None:
             wait = self.loop.run(self.backends.rates.acquire(self.key, self.rate, RATE_BURST))
             if wait > 0:
                 self.release(row)  # no slot held while waiting for a token
+                self._refused(row, "rate")
                 why = f"rate limit {self.rate.count}/{self.rate.period_s:g}s"
                 raise Deferred(wait, why, exact=True)
+        self._admitted(row)
 
     def keep(self, row: str) -> None:
         if self.max_in_flight is not None:
@@ -139,6 +166,7 @@ class ProviderLimits:
 
     def trip(self, reason: str) -> None:
         self.loop.run(self.backends.circuit.trip(self.key, CIRCUIT_S, reason))
+        metrics.circuit_opened(self.provider)
         self._circuit = (time.monotonic(), reason)
 
 
@@ -168,6 +196,23 @@ def redis_backends(loop: BackgroundLoop, redis_url: str) -> Backends:
         )
 
     return loop.run(build())
+
+
+def in_flight(settings: Settings, client: Any) -> list[tuple[str, float, float | None]]:
+    """(provider, requests in flight on its account, the cap) for the metrics: the live
+    leases of the account's semaphore, read with Redis's clock as the limiter does."""
+    seconds, micros = client.time()
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    found: list[tuple[str, float, float | None]] = []
+    for provider, cap in (
+        ("runware", settings.runware_max_in_flight),
+        ("fal", settings.fal_max_in_flight),
+    ):
+        key = settings.provider_key(provider)
+        name = limit_key(provider, key.get_secret_value() if key else None)
+        count = client.zcount(f"{DEFAULT_PREFIX}sem:{name}", f"({now_us}", "+inf")
+        found.append((provider, float(count), float(cap) if cap is not None else None))
+    return found
 
 
 def provider_limits(

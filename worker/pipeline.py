@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import redis
 
-from worker import callbacks
+from worker import callbacks, metrics
 from worker.errors import (
     BgswapError,
     Codes,
@@ -468,6 +468,7 @@ def _finish(job: Job, deps: Deps, record: dict[str, Any], hold: Hold) -> None:
     if verdict is FinishVerdict.STALE:
         raise Stale(f"row {job.job_id}: taken over before its {record['status']} was recorded")
     error = record.get("error")
+    metrics.row_finished(record)
     log.info("row %s %s%s", job.job_id, record["status"], f" ({error['code']})" if error else "")
     if verdict is FinishVerdict.BATCH_COMPLETE:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 from celery.signals import beat_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu.exceptions import ChannelError
 
-from worker import callbacks
+from worker import callbacks, heartbeats, metrics
 from worker.celery_app import QUEUE, app
 from worker.errors import BgswapError, UsageError
 from worker.jobs import (
@@ -18,6 +20,7 @@ from worker.jobs import (
     TASK_PROCESS_ROW,
     finalize_task_id,
 )
+from worker.limits import in_flight
 from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.schedules import TASK_TICK
@@ -139,6 +142,7 @@ def start_watchdog() -> Watchdog:
         queue_depth,
         enqueue_finalize,
         callbacks=enqueue_due_callbacks,
+        heartbeat=lambda: heartbeats.beat(deps.store.redis, time.time()),
         grace_s=deps.settings.row_grace_s,
         interval_s=deps.settings.watchdog_interval_s,
     )
@@ -148,8 +152,24 @@ def start_watchdog() -> Watchdog:
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _watch(**_: Any) -> None:
-    """Every `celery -A worker worker` process runs a watchdog (see worker/watchdog.py)."""
+    """Every `celery -A worker worker` process runs a watchdog (see worker/watchdog.py)
+    and, with BGSWAP_METRICS_PORT set, serves /metrics (worker/metrics.py)."""
     start_watchdog()
+    serve_metrics()
+
+
+def serve_metrics() -> None:
+    settings = get_deps().settings
+    if settings.metrics_port is None:
+        return
+    collector = metrics.ScrapeCollector(
+        functools.partial(in_flight, settings, get_deps().store.redis),
+        lambda: [(QUEUE, float(queue_depth()))],
+    )
+    if not metrics.serve(settings.metrics_host, settings.metrics_port, collector):
+        logging.getLogger("bgswap.metrics").warning(
+            "port %d is taken: another process serves these metrics", settings.metrics_port
+        )
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
@@ -157,6 +177,9 @@ def _watch(**_: Any) -> None:
 def _hand_back(**_: Any) -> None:
     """Warm shutdown (SIGTERM): the rows this process holds go back to the queue."""
     close_engine()
+    metrics.process_exited()
+    with contextlib.suppress(Exception):  # Redis away: the heartbeat just goes stale
+        heartbeats.stopped(get_deps().store.redis)
 
 
 set_publishers(enqueue_finalize, republish)

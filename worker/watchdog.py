@@ -16,6 +16,8 @@ Every few seconds it looks at each live batch (`bgswap:live`):
 - **Lost finalizers.** A batch whose last row was recorded but whose finalizer was never
   enqueued (the broker was away just then) would stay ``finalizing`` for ever: after the
   grace its finalizer is enqueued again (finalizing is idempotent).
+- **Heartbeat.** After each sweep it records that this process is alive
+  (worker/heartbeats.py): ``bgswap health`` and the API's /readyz read it.
 - **Callbacks due.** Completion callbacks keep their next attempt in Redis
   (worker/callbacks.py): every sweep enqueues the attempts that are due, whether they
   are retries waiting out their backoff or attempts whose worker died.
@@ -42,6 +44,7 @@ class Watchdog(threading.Thread):
         finalize: Callable[[str], None],
         *,
         callbacks: Callable[[], int] = lambda: 0,
+        heartbeat: Callable[[], None] = lambda: None,
         grace_s: float,
         interval_s: float,
         clock: Callable[[], float] = time.time,
@@ -52,6 +55,7 @@ class Watchdog(threading.Thread):
         self.queue_depth = queue_depth
         self.finalize = finalize
         self.callbacks = callbacks
+        self.heartbeat = heartbeat
         self.grace_s = grace_s
         self.interval_s = interval_s
         self.clock = clock
@@ -98,11 +102,20 @@ class Watchdog(threading.Thread):
         return len(rows)
 
     def run(self) -> None:
+        self._beat()  # at once: a new worker is seen before its first sweep
         while not self.stopping.wait(self.interval_s):
             try:
                 self.sweep()
             except Exception as exc:  # a broker hiccup must not kill the watchdog
                 log.warning("watchdog sweep failed: %s", type(exc).__name__)
+                continue  # no heartbeat either: this process cannot do its work
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.heartbeat()
+        except Exception as exc:
+            log.warning("heartbeat not written: %s", type(exc).__name__)
 
     def stop(self) -> None:
         self.stopping.set()

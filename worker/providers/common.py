@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from worker import metrics
 from worker.errors import BgswapError, Codes, ImageRejected, ProviderUnavailable
 from worker.fetch import reference_scheme
 from worker.imaging import check_image
@@ -42,9 +44,23 @@ def classify_by_rules(
 
 
 def send(
-    http: httpx.Client, method: str, url: str, *, provider: str, **kwargs: Any
+    http: httpx.Client, method: str, url: str, *, provider: str, kind: str, **kwargs: Any
 ) -> httpx.Response:
-    """One HTTP call; transport failures mapped by whether the request can have landed."""
+    """One HTTP call, counted in the metrics as ``kind`` (submit, poll, upload, download);
+    transport failures mapped by whether the request can have landed."""
+    started = time.monotonic()
+    try:
+        response = _request(http, method, url, provider, **kwargs)
+    except BgswapError:
+        metrics.request_done(provider, kind, None, time.monotonic() - started)
+        raise
+    metrics.request_done(provider, kind, response.status_code, time.monotonic() - started)
+    return response
+
+
+def _request(
+    http: httpx.Client, method: str, url: str, provider: str, **kwargs: Any
+) -> httpx.Response:
     try:
         return http.request(method, url, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from worker import logs, metrics
 from worker.errors import (
     BgswapError,
     Codes,
@@ -299,8 +301,10 @@ class FalProvider:
             if "request_id" not in memory:
                 self._submit(job, memory, ctx)
             else:
+                logs.bind(provider_task_id=memory["request_id"])
                 stop_if_canceled(ctx, f"fal request {memory['request_id']}")
                 if self._poll(memory, ctx):
+                    metrics.generation_took("fal", memory.get("accepted_at"))
                     return self._outputs(job, memory["request_id"], self._result(memory), ctx)
         except RequestFailed:
             ctx.memory.save({"uploads": memory.get("uploads", {})})
@@ -316,7 +320,7 @@ class FalProvider:
         url = memory.get("cancel_url")
         if not url or not same_origin(url, self.cfg.queue_url):
             return False
-        response = send(self.http, "PUT", url, provider="fal", headers=self._auth)
+        response = send(self.http, "PUT", url, provider="fal", kind="cancel", headers=self._auth)
         return response.status_code == 202
 
     # submission ------------------------------------------------------------------------
@@ -345,7 +349,8 @@ class FalProvider:
         try:
             response = send(
                 self.http, "POST", f"{self.cfg.queue_url}/{ENDPOINT}", provider="fal",
-                json=body, headers={**auth, **submit_headers(self.cfg)}, timeout=timeout,
+                kind="submit", json=body, headers={**auth, **submit_headers(self.cfg)},
+                timeout=timeout,
             )  # fmt: skip
         except Ambiguous as err:
             raise self._after_unknown(err, memory, ctx) from err
@@ -355,7 +360,9 @@ class FalProvider:
         if response.status_code == 429 and ctx.limits is not None:
             ctx.limits.slow_down()  # fal says too fast: every worker slows down
         ids = self._read_submit(response, memory, ctx)
-        remember(memory, ctx.memory, submitting=False, **ids)
+        # When fal took it, for the generation-time histogram (the row may finish elsewhere).
+        remember(memory, ctx.memory, submitting=False, accepted_at=time.time(), **ids)
+        logs.bind(provider_task_id=ids["request_id"])
         log.info("row %s: fal request %s queued", job.job_id, ids["request_id"])
 
     def _read_submit(
@@ -426,14 +433,14 @@ class FalProvider:
         initiate = f"{self.cfg.rest_url}/storage/upload/initiate?storage_type=fal-cdn-v3"
         try:
             response = send(
-                self.http, "POST", initiate, provider="fal", headers=self._auth,
+                self.http, "POST", initiate, provider="fal", kind="upload", headers=self._auth,
                 json={"file_name": f"input.{fmt.lower()}", "content_type": mime},
             )  # fmt: skip
             if response.status_code >= 300:
                 raise classify(read_error(response))
             answer = response.json()
             put = send(
-                self.http, "PUT", str(answer["upload_url"]), provider="fal storage",
+                self.http, "PUT", str(answer["upload_url"]), provider="fal storage", kind="upload",
                 content=data, headers={"Content-Type": mime},
             )  # fmt: skip
         except Ambiguous as err:
@@ -457,7 +464,7 @@ class FalProvider:
         if ctx.limits is not None:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
         try:
-            response = send(self.http, "GET", memory["status_url"], provider="fal",
+            response = send(self.http, "GET", memory["status_url"], provider="fal", kind="poll",
                             params={"logs": "0"}, headers=self._auth)  # fmt: skip
         except ProviderUnavailable as err:
             log.info("poll of %s: %s", memory["request_id"], err.code)
@@ -509,7 +516,7 @@ class FalProvider:
 
     def _result(self, memory: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = send(self.http, "GET", memory["response_url"], provider="fal",
+            response = send(self.http, "GET", memory["response_url"], provider="fal", kind="poll",
                             headers=self._auth)  # fmt: skip
         except Ambiguous as err:
             raise ProviderUnavailable(err.code, err.message) from err  # reads are free
@@ -552,7 +559,8 @@ class FalProvider:
     def _output(
         self, spec: JobSpec, image: dict[str, Any], n: int, seed: int | None, ctx: ProviderContext
     ) -> OutputImage:
-        data = ctx.fetch(str(image["url"]), f"result {n}")
+        with metrics.timed_request("fal", "download"):
+            data = ctx.fetch(str(image["url"]), f"result {n}")
         fmt, width, height = image_info(data)
         wanted = spec.output_format
         if wanted and FORMATS.get(fmt or "") != wanted:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from worker import logs, metrics
 from worker.errors import (
     BgswapError,
     Codes,
@@ -377,6 +379,14 @@ def poll_progress(answer: Answer, task_uuid: str) -> Progress | None:
 # -- HTTP ----------------------------------------------------------------------------
 
 
+KINDS = {"imageInference": "submit", "getResponse": "poll", "imageUpload": "upload"}
+
+
+def request_kind(tasks: list[dict[str, Any]]) -> str:
+    """What a POST is for, by its first task (the metrics' ``kind``)."""
+    return KINDS.get(str(tasks[0].get("taskType")) if tasks else "", "other")
+
+
 class RunwareClient:
     """POSTs task arrays; maps transport trouble and error answers onto the error tree."""
 
@@ -393,6 +403,7 @@ class RunwareClient:
             "POST",
             self.cfg.api_url,
             provider="Runware",
+            kind=request_kind(tasks),
             json=tasks,
             headers=self._headers,
             timeout=timeout_s or self.cfg.request_timeout_s,
@@ -478,6 +489,7 @@ class RunwareProvider:
         # Saved with `attempted`, before the submission (_submit): before anything is paid.
         memory.setdefault("task_uuid", str(uuid.uuid4()))
         task_uuid = memory["task_uuid"]
+        logs.bind(provider_task_id=task_uuid)
         direct = self._direct_destination(job, ctx)
         polled = bool(memory.get("accepted"))  # else the slot was just taken: no keep
         if polled:
@@ -486,6 +498,7 @@ class RunwareProvider:
         else:
             progress = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
         if progress is not None and progress.done(job.spec.num_results):
+            metrics.generation_took("runware", memory.get("accepted_at"))
             return self._result(job, task_uuid, progress, direct, ctx)
         if ctx.limits is not None and polled:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
@@ -565,6 +578,8 @@ class RunwareProvider:
         # before that has `attempted` saved, which resolves through getResponse, not a
         # second submission. One Redis write less per row.
         memory["accepted"] = True
+        # When Runware took it, for the generation-time histogram (saved with the wait).
+        memory.setdefault("accepted_at", time.time())
         return progress
 
     def _known(self, task_uuid: str) -> Progress | None:
@@ -680,7 +695,8 @@ class RunwareProvider:
         if item.get("imageDataURI"):
             return base64.b64decode(str(item["imageDataURI"]).partition(",")[2])
         if item.get("imageURL"):
-            return ctx.fetch(str(item["imageURL"]), "result")
+            with metrics.timed_request("runware", "download"):
+                return ctx.fetch(str(item["imageURL"]), "result")
         raise ProviderUnavailable(Codes.PROVIDER_BAD_RESPONSE, "Runware result without an image")
 
 
