@@ -165,6 +165,26 @@ def test_health_readiness_and_tokens(serve: Serve) -> None:
         assert c.get("/v1/batches", headers=auth(READ)).json()["batches"] == []
 
 
+def test_the_api_counts_requests_by_route_template_on_its_metrics_port(serve: Serve) -> None:
+    port = free_port()
+    base = serve(BGSWAP_METRICS_PORT=str(port))
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["broker"] == "ok"
+    with httpx.Client(base_url=base) as c:
+        assert c.get("/v1/batches/nope-1", headers=auth(READ)).status_code == 404
+        assert c.get("/v1/batches/nope-2", headers=auth(READ)).status_code == 404
+        assert c.get("/some/secret-looking/path").status_code == 404
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert ('bgswap_api_requests_total{method="GET",route="/v1/batches/{batch_id}",'
+            'status="404"} 2.0') in text  # fmt: skip
+    assert 'bgswap_api_requests_total{method="GET",route="/readyz",status="200"} 1.0' in text
+    assert 'route="unmatched",status="404"} 1.0' in text
+    assert "nope-1" not in text and "secret-looking" not in text  # no caller-chosen label
+    assert 'bgswap_queue_messages{queue="bgswap"} 0.0' in text
+    assert 'bgswap_provider_in_flight_limit{provider="fal"} 40.0' in text
+    assert READ not in text
+
+
 def test_readyz_answers_503_when_redis_does_not(serve: Serve) -> None:
     base = serve(BGSWAP_REDIS_URL="redis://127.0.0.1:1/0")
     ready = httpx.get(f"{base}/readyz", timeout=10)
