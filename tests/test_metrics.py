@@ -1,6 +1,6 @@
-"""Metrics and logs of a real worker: a `celery -A worker worker` with two prefork processes
-runs a Runware batch against the strict fake with JSON logs on, and a scrape of its
-/metrics is checked against the output manifest (rows by status and code, cost) and the
+"""Metrics and logs of real workers: two `celery -A worker worker` processes sharing one
+metrics folder and port (as in one pod) run a Runware batch against the strict fake with
+JSON logs on, and a scrape of their /metrics is checked against the output manifest (rows by status and code, cost) and the
 fake's own record of the requests it received (by kind, the 429 it answered). The same run
 carries canary secrets, looked for in every log line, the scrape, every Redis key and value.
 """
@@ -24,10 +24,11 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from batching import BIN, REPO, bgswap, clean_env, manifest_lines, png, redis_values
+from faults import wait_until
 from servers.files import FileServer
 from servers.runware import FakeRunware
 from servers.s3 import DUMMY_AWS_ENV
-from worker import metrics
+from worker import heartbeats, metrics
 
 KEY = "rw-CANARY-9d3f0a7c5e1b"
 HOOK = "hook-CANARY-4b8e2f6a1c9d"
@@ -106,23 +107,33 @@ def run(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
             BGSWAP_METRICS_PORT=str(port),
             BGSWAP_LOG_FORMAT="json",
         )
-        log = tmp / "worker.log"
-        worker = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker", "-q", "worker", "--loglevel", "INFO",
-             "--pool", "prefork", "--concurrency", "2"],
-            cwd=REPO, env=env, stdout=(tmp / "stdout").open("w"), stderr=log.open("w"),
-        )  # fmt: skip
+        # One folder for both, and at most 4 rows each: both must take rows.
+        env.update(PROMETHEUS_MULTIPROC_DIR=str(tmp / "prom"), BGSWAP_WORKER_MAX_ROWS="4")
+        (tmp / "prom").mkdir()
+        workers = []
+        for n in (1, 2):
+            workers.append(subprocess.Popen(
+                [str(BIN / "celery"), "-A", "worker", "-q", "worker", "--loglevel", "INFO",
+                 "--hostname", f"w{n}@%h"],
+                cwd=REPO, env=env, stdout=(tmp / f"stdout{n}").open("w"),
+                stderr=(tmp / f"worker{n}.log").open("w"),
+            ))  # fmt: skip
+            time.sleep(1.0 if n == 1 else 0)  # the first one binds the port
         try:
+            # both ready (a worker's heartbeat is written when it is): both take rows
+            wait_until(lambda: client.zcard(heartbeats.KEY) == 2, 60, "two workers ready")
             done = bgswap("submit", "m.csv", "--provider", "runware", "--output", "out",
                           "--batch-id", "met1", "--wait", cwd=tmp, env=env)  # fmt: skip
-            assert done.returncode == 1, done.stderr + log.read_text()[-3000:]  # one failed
+            assert done.returncode == 1, done.stderr + (tmp / "worker1.log").read_text()[-3000:]
             text = scrape(port)
             health = bgswap("health", "--require-workers", "--json", cwd=tmp, env=env)
             assert health.returncode == 0, health.stdout + health.stderr
             requests = request_kinds(fake)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=60)
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                worker.wait(timeout=60)
         after = bgswap("health", "--require-workers", cwd=tmp, env=env)
     print(text)  # the closing note quotes one such scrape (pytest -s)
     yield Run(
@@ -130,8 +141,8 @@ def run(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         samples=parse(text),
         lines=manifest_lines(tmp / "out" / "met1" / "manifest.jsonl"),
         requests=requests,
-        log=log.read_text(),
-        stdout=(tmp / "stdout").read_text(),
+        log=(tmp / "worker1.log").read_text() + (tmp / "worker2.log").read_text(),
+        stdout=(tmp / "stdout1").read_text() + (tmp / "stdout2").read_text(),
         redis_dump="\n".join(client.keys("*")) + "\n" + redis_values(client),
         health=json.loads(health.stdout),
         health_after=after,
@@ -181,7 +192,7 @@ def test_gauges_read_at_scrape_time_and_the_heartbeat(run: Run) -> None:
     host = socket.gethostname()
     beat = run.value("bgswap_worker_heartbeat_timestamp_seconds", host=host)
     assert time.time() - 300 < beat <= time.time()
-    assert run.health["status"] == "ok" and run.health["workers_fresh"] == 1
+    assert run.health["status"] == "ok" and run.health["workers_fresh"] == 2
     # a worker stopped with SIGTERM takes its heartbeat with it
     assert run.health_after.returncode == 3
     assert "no worker wrote a heartbeat" in run.health_after.stderr
@@ -206,12 +217,14 @@ def test_json_logs_carry_the_row_and_no_secret_is_anywhere(run: Run) -> None:
     entries = [json.loads(x) for x in lines]  # every line is one JSON object
     # Celery writes one notice of its own straight to stdout, outside logging; with -q
     # (the deploy files' choice) its banner is not printed at all.
-    assert run.stdout.strip() in ("", "worker: Warm shutdown (MainProcess)")
+    assert set(run.stdout.splitlines()) <= {"", "worker: Warm shutdown (MainProcess)"}
     assert all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
     about_rows = [e for e in entries if e.get("row_id")]
     assert about_rows, run.log[-2000:]
     for entry in about_rows:
         assert entry["batch_id"] == "met1" and entry["provider"] == "runware"
+    assert len({e["process"] for e in about_rows}) == 2  # both processes worked rows
+    assert any("another process serves these metrics" in e["message"] for e in entries)
     assert any(e.get("provider_task_id") for e in about_rows)
     for canary in (KEY, HOOK, CALLBACK, DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"]):
         assert canary not in run.log

@@ -1,10 +1,10 @@
 """Prometheus metrics: what every worker process and the API count, and how they are served.
 
 Each ``celery -A worker worker`` (and ``bgswap serve``) with ``BGSWAP_METRICS_PORT`` set
-serves ``GET /metrics`` on that port. A worker may run several processes (a prefork pool,
-or several workers sharing a folder); prometheus-client's multiprocess mode adds them up:
-each process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and the serving
-process reads them all at each scrape. That variable must be set before
+serves ``GET /metrics`` on that port. A pod may run several worker processes: started with
+one ``PROMETHEUS_MULTIPROC_DIR`` and one port, the first serves and every one counts
+(prometheus-client's multiprocess mode: each process writes its values to files in that
+folder and the serving process reads them all at each scrape). That variable must be set before
 prometheus-client is imported (it picks its storage at import), so this module, the only
 one that imports it, sets it first: to a fresh folder when the operator gave none.
 
