@@ -15,6 +15,7 @@ BENCHMARKS = (
     "bench.image_memory",
     "bench.skip",
     "bench.api",
+    "bench.autoscale",
 )
 
 
