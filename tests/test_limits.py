@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from prometheus_client import REGISTRY
 
 from batching import png
 from producer.batch import SubmitOptions, Submitter, output_root
@@ -18,7 +19,7 @@ from producer.manifest import RowDefaults, read_manifest
 from servers.fal import FakeFal
 from servers.files import FileServer
 from servers.runware import FakeRunware
-from worker.limits import RATE_BURST, Deferred
+from worker.limits import RATE_BURST, Deferred, in_flight
 from worker.pipeline import Deps, handle_delivery
 from worker.providers import get_provider
 from worker.runtime import build_deps
@@ -32,6 +33,11 @@ FAL_KEY = "fal-id:fal-limits-secret"
 def files() -> Iterator[FileServer]:
     with FileServer() as server:
         yield server
+
+
+def counted(name: str, **labels: str) -> float:
+    """A metric of this process (worker/metrics.py), 0 before its first count."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def submit(deps: Deps, provider: str, rows: int, url: str, out: Path, bid: str) -> None:
@@ -59,8 +65,13 @@ def test_the_in_flight_cap_defers_rows_without_counting_attempts(
                             fal_poll_initial_s=0.05, fal_max_in_flight=1)  # fmt: skip
         deps = build_deps(settings, lambda bid: None)
         submit(deps, "fal", 3, url, tmp_path, "cap")
+        refused = counted("bgswap_admission_waits_total", provider="fal", reason="slots")
+        waited = counted("bgswap_admission_wait_seconds_count", provider="fal")
         delays = deliver_all(deps, "cap", 3)
         assert fake.submit_count() == 1  # one request in flight at a time
+        after = counted("bgswap_admission_waits_total", provider="fal", reason="slots")
+        assert after - refused == 2
+        assert ("fal", 1.0, 1.0) in in_flight(settings, redis_client)  # what /metrics reads
         assert all(d is not None and 0 < d < 5 for d in delays)  # one polls, two wait a slot
         assert deps.store.counts("cap")["queued"] == 3
         assert [r.attempts for r in deps.store.records("cap", 3)] == [
@@ -76,6 +87,9 @@ def test_the_in_flight_cap_defers_rows_without_counting_attempts(
                 handle_delivery("cap", index, deps)
             time.sleep(0.05)
         assert deps.store.counts("cap")["succeeded"] == 3 and fake.submit_count() == 3
+        # the two rows that waited were admitted in the end, each timed once
+        assert counted("bgswap_admission_wait_seconds_count", provider="fal") - waited == 2
+        assert ("fal", 0.0, 1.0) in in_flight(settings, redis_client)
 
 
 def test_the_rate_limit_spaces_submissions_across_the_fleet(
@@ -88,7 +102,9 @@ def test_the_rate_limit_spaces_submissions_across_the_fleet(
                             runware_rate="2/s")  # fmt: skip
         deps = build_deps(settings, lambda bid: None)
         submit(deps, "runware", 3, url, tmp_path, "rate")
+        refused = counted("bgswap_admission_waits_total", provider="runware", reason="rate")
         delays = deliver_all(deps, "rate", 3)
+        assert counted("bgswap_admission_waits_total", provider="runware", reason="rate") > refused
         assert len(fake.paid) == RATE_BURST == 2  # the burst goes, the third waits its token
         waits = sorted(d for d in delays if d is not None and d > 0.2)
         assert len(waits) == 1 and all(w < 1.0 for w in waits)
@@ -124,10 +140,12 @@ def test_an_auth_error_opens_the_circuit_for_every_batch_on_the_account(
         deps = build_deps(settings, lambda bid: None)
         submit(deps, "runware", 1, url, tmp_path, "a1")
         submit(deps, "runware", 2, url, tmp_path, "a2")
+        opened = counted("bgswap_circuit_openings_total", provider="runware")
         handle_delivery("a1", 0, deps)
         handle_delivery("a2", 0, deps)
         handle_delivery("a2", 1, deps)
         assert len(fake.requests) == 1  # batch a2 never reached Runware
+        assert counted("bgswap_circuit_openings_total", provider="runware") - opened == 1
     errors = [r.result["error"] for r in deps.store.records("a2", 2) if r.result]
     assert {e["code"] for e in errors} == {"provider.halted"}
     assert "circuit open" in errors[0]["message"] and "invalidApiKey" in errors[0]["message"]
