@@ -66,7 +66,9 @@ def close_engine() -> int:
     global _engine
     with _lock:
         engine, _engine = _engine, None
-    return engine.close() if engine is not None else 0
+    if engine is None:
+        return 0
+    return engine.close(engine.deps.settings.shutdown_wait_s)
 
 
 def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]:

@@ -228,6 +228,22 @@ class Settings(BaseSettings):
         return self.visibility_timeout_s + 15.0
 
     @property
+    def shutdown_wait_s(self) -> float:
+        """How long a warm shutdown lets the steps under way finish before it hands their
+        rows back: the slowest single request a step makes (a fal submit waits for its
+        answer up to BGSWAP_FAL_SUBMIT_TIMEOUT_S, 120 s), plus slack. Cutting a paid
+        submit short would leave its row's outcome unknown (deploy/README.md sizes
+        Kubernetes' terminationGracePeriodSeconds from this)."""
+        slowest = max(
+            self.fal_submit_timeout_s,
+            self.runware_request_timeout_s,
+            min(self.runware_timeout_s, 60.0),  # a sync Runware submit waits up to 60 s
+            self.upload_timeout_s,
+            self.fetch_total_timeout_s,
+        )
+        return slowest + 10.0
+
+    @property
     def watchdog_interval_s(self) -> float:
         return min(10.0, self.row_lease_s / 3)
 
