@@ -536,5 +536,5 @@ def test_deploy_readme_names_only_files_that_exist() -> None:
     from producer.cli import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    for command in re.findall(r"\bbgswap ([a-z][a-z-]*)", text):
+    for command in re.findall(r"(?:^|`|\bapi |--rm bgswap )bgswap ([a-z][a-z-]*)", text, re.M):
         assert command in commands, f"bgswap {command}"
