@@ -14,7 +14,8 @@
 # PYTHON names the interpreter (default: python3); its pip does the work.
 set -eu
 
-PYTHON="${PYTHON:-python3}"
+# Resolved once: the virtualenv made below may come first on PATH, and it has no pip.
+PYTHON="$(command -v "${PYTHON:-python3}")" || { echo "$0: no ${PYTHON:-python3}" >&2; exit 1; }
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 
 usage() {
