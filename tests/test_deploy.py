@@ -57,6 +57,8 @@ def check_command(argv: list[str]) -> None:
         commands[argv[1]].make_context(argv[1], list(argv[2:]))
         return
     assert argv[:3] == ["celery", "-A", "worker"], argv
+    if argv[3:4] == ["-q"]:  # Celery's global --quiet: no banner on stdout
+        argv = argv[:3] + argv[4:]
     assert len(argv) >= 4, argv
     assert argv[3] in CELERY_FLAGS, argv
     assert set(argv[4:]) <= CELERY_FLAGS[argv[3]], argv
@@ -158,8 +160,8 @@ def test_every_bgswap_container_runs_an_entry_point_of_the_project(
     containers = bgswap_containers(rendered)
     commands = {name: c["command"] + c.get("args", []) for name, c in containers}
     assert set(commands) == {"bgswap-worker", "bgswap-beat", "bgswap-api"}
-    assert commands["bgswap-worker"][:4] == ["celery", "-A", "worker", "worker"]
-    assert commands["bgswap-beat"] == ["celery", "-A", "worker", "beat"]
+    assert commands["bgswap-worker"][:5] == ["celery", "-A", "worker", "-q", "worker"]
+    assert commands["bgswap-beat"] == ["celery", "-A", "worker", "-q", "beat"]
     assert commands["bgswap-api"][:2] == ["bgswap", "serve"]
     for _, argv in commands.items():
         check_command(argv)
@@ -325,7 +327,7 @@ def test_keda_scales_the_workers_on_celerys_own_list(rendered: list[dict[str, An
     (scaled,) = kind(rendered, "ScaledObject")
     target = named(rendered, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
     (c,) = target["spec"]["template"]["spec"]["containers"]
-    assert c["command"][:4] == ["celery", "-A", "worker", "worker"]
+    assert c["command"][:5] == ["celery", "-A", "worker", "-q", "worker"]
     triggers = {t["type"]: t for t in scaled["spec"]["triggers"]}
     assert set(triggers) == {"redis", "prometheus"}
     redis_trigger = triggers["redis"]
@@ -423,10 +425,10 @@ def test_compose_services_run_entry_points_with_settings() -> None:
         assert health[0] == "CMD"
         if health[1] == "bgswap":
             check_command(health[1:])
-    assert ours["worker"]["command"] == ["celery", "-A", "worker", "worker", "-E"]
+    assert ours["worker"]["command"] == ["celery", "-A", "worker", "-q", "worker", "-E"]
     assert ours["worker"]["deploy"]["replicas"] == 2
     assert ours["worker"]["healthcheck"]["test"][1:] == ["bgswap", "health", "--this-host"]
-    assert ours["beat"]["command"] == ["celery", "-A", "worker", "beat"]
+    assert ours["beat"]["command"] == ["celery", "-A", "worker", "-q", "beat"]
     grace = ours["worker"]["stop_grace_period"]
     assert int(grace.removesuffix("s")) >= 180
     # The API's healthcheck asks a real route on the port it serves.
