@@ -32,6 +32,7 @@ _URL_WITH_SECRETS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]*(?:@|\?)[^\s'\"]
 SECRET_VARIABLES = (
     "RUNWARE_API_KEY", "FAL_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "BGSWAP_HOOK_SECRET", "BGSWAP_CALLBACK_SECRET", "BGSWAP_SHOPIFY_WEBHOOK_SECRET",
+    "REDIS_PASSWORD",  # deploy/k8s builds the broker URL from it
 )  # fmt: skip
 URL_VARIABLES = ("BGSWAP_BROKER_URL", "BGSWAP_REDIS_URL")
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
