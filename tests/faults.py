@@ -231,10 +231,16 @@ def run_with_fault(
                         "--batch-id", BATCH, cwd=tmp_path, env=env, timeout=60)  # fmt: skip
         assert submit.returncode == 0, submit.stderr
         if how != "none":
+
+            def holders() -> set[str]:
+                return set(store.redis.hvals(f"bgswap:{{{BATCH}}}:lease"))
+
+            # The second worker may start consuming after the first adopted its share.
+            wait_until(lambda: len(holders()) == 2, 60, "both workers to hold rows")
             quiet_moment(store, paid, at_least=rows // 5)
-            holders = set(store.redis.hvals(f"bgswap:{{{BATCH}}}:lease"))
+            held = holders()
             fault.start()
-            assert len(holders) == 2, holders  # both workers held rows at the fault
+            assert len(held) == 2, held  # both workers held rows at the fault
             wait_until(lambda: taken_over(store, rows), 60, "the rows to be taken over")
             fault.end()
         meta = runner.wait_for_batch(store, BATCH, lambda c, t: None, timeout_s=180)
