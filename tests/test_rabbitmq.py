@@ -3,11 +3,13 @@
 The same path as tests/test_end_to_end.py's Redis-only run, with the broker swapped:
 real `celery -A worker worker` subprocesses on ``BGSWAP_BROKER_URL=amqp://...``, the
 state in the test's own redis-server (``BGSWAP_REDIS_URL``), `bgswap submit` from the
-CLI, a strict fake provider (tests/servers/) whose own record counts what was paid, and
-outputs PUT to moto's S3 server through presigned URLs. Then the fault RabbitMQ changes
-most: one of two workers SIGKILLed mid-batch. Its unacked messages go back to the queue
-the moment its connection drops (no visibility timeout, as on Redis); the rows it had
-adopted come back when their leases lapse, through the other worker's watchdog.
+CLI, a strict fake provider (tests/servers/) whose own record counts what was paid,
+outputs PUT to moto's S3 server through presigned URLs, and a completion callback that
+is refused once (its retry is a countdown message). Then the fault RabbitMQ changes most:
+one of two workers SIGKILLed mid-batch. Its unacked messages go back to the queue the
+moment its connection drops (no visibility timeout, as on Redis); the rows it had adopted
+come back when their leases lapse (4 s here), through the other worker's watchdog. And
+with SIGTERM instead: it hands the rows it held back as it shuts down.
 
 These tests need a RabbitMQ. They use ``amqp://guest:guest@127.0.0.1:5672//`` unless
 ``TEST_AMQP_URL`` names another (not a ``BGSWAP_*`` name: bgswap refuses unknown ones).
@@ -173,19 +175,21 @@ def test_a_batch_through_rabbitmq_to_s3_pays_each_row_once(
 
 
 @pytest.mark.slow
-def test_a_worker_sigkilled_mid_batch_on_rabbitmq_leaves_every_row_paid_once(
-    redis_client: object, redis_url: str, amqp_url: str, tmp_path: Path
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_worker_stopped_mid_batch_on_rabbitmq_leaves_every_row_paid_once(
+    redis_client: object, redis_url: str, amqp_url: str, tmp_path: Path, how: str
 ) -> None:
+    """SIGKILL: its unacked messages return when its connection drops, its adopted rows
+    when their leases lapse. SIGTERM: it hands its rows back, published through RabbitMQ
+    as it shuts down."""
     rows = 24
     with FileServer() as files, provider("fal", rate="8/s", processing_s=2.0) as paid:
-        outcome = run_with_fault(
-            tmp_path, redis_url, paid, "sigkill", files, rows, broker_url=amqp_url
-        )
+        outcome = run_with_fault(tmp_path, redis_url, paid, how, files, rows, broker_url=amqp_url)
     assert [x["id"] for x in outcome.lines] == [f"r{i}" for i in range(rows)]
     assert outcome.failed == []
     # The fake's own record: every row accepted (paid) exactly once, dead worker or not.
     assert Counter(outcome.prompts) == Counter(f"p{i}" for i in range(rows))
     assert len({x["provider_task_id"] for x in outcome.lines}) == rows
-    # No result object was written twice, and the harness saw the killed worker's rows
-    # taken over (adopted again after their leases lapsed) before the batch ended.
+    # No result object was written twice, and the harness saw the stopped worker's rows
+    # taken over (adopted again by the other worker) before the batch ended.
     assert outcome.puts == Counter(f"/out/r{i}.img" for i in range(rows))
