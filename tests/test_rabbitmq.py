@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,7 +41,7 @@ from celery.utils.nodenames import default_nodename
 from kombu import Connection
 from kombu.exceptions import ChannelError
 
-from batching import bgswap, clean_env, png, start_worker
+from batching import REPO, bgswap, clean_env, png, start_worker
 from faults import provider, run_with_fault, stop
 from servers.callbacks import CallbackReceiver
 from servers.files import FileServer
@@ -110,6 +112,26 @@ def test_a_worker_without_a_node_name_gets_one_of_its_own() -> None:
     named.hostname = "w1@box"
     _own_nodename(sender="w1@box", instance=named)  # `-n w1@box`: kept
     assert named.hostname == "w1@box"
+
+
+@pytest.mark.slow
+def test_the_watchdogs_queue_depth_counts_the_messages_waiting_on_rabbitmq(
+    redis_client: object, redis_url: str, amqp_url: str
+) -> None:
+    """What the watchdog asks before it re-publishes a stalled batch's rows (a passive
+    queue declare), in a process of its own so the tests' Celery app keeps its broker."""
+    script = (
+        "from worker.tasks import queue_depth, republish\n"
+        "before = queue_depth()\n"
+        "for index in range(3):\n"
+        "    republish('depth1', index)\n"
+        "print(before, queue_depth())\n"
+    )
+    env = clean_env(BGSWAP_BROKER_URL=amqp_url, BGSWAP_REDIS_URL=redis_url)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "3"]  # no worker consumes here: all three wait
 
 
 @pytest.mark.slow
