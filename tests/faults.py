@@ -179,9 +179,9 @@ def first_worker(
         port = urlsplit(redis_url).port
         assert port is not None
         proxy = stack.enter_context(DarkProxy("127.0.0.1", port))
-        return start_worker({**env, "BGSWAP_BROKER_URL": proxy.url}, log), Fault(
-            proxy.dark, proxy.light
-        )
+        # Its link to Redis: the broker's too, unless the broker is elsewhere (RabbitMQ).
+        link = "BGSWAP_REDIS_URL" if "BGSWAP_REDIS_URL" in env else "BGSWAP_BROKER_URL"
+        return start_worker({**env, link: proxy.url}, log), Fault(proxy.dark, proxy.light)
     worker = start_worker(env, log)
 
     def term() -> None:
@@ -200,13 +200,23 @@ def first_worker(
 
 
 def run_with_fault(
-    tmp_path: Path, redis_url: str, paid: Provider, how: str, files: FileServer, rows: int
+    tmp_path: Path,
+    redis_url: str,
+    paid: Provider,
+    how: str,
+    files: FileServer,
+    rows: int,
+    broker_url: str | None = None,
 ) -> Outcome:
     """Submit ``rows`` rows to two workers; the first meets the fault once a fifth of the
-    rows were accepted; wait for the batch."""
+    rows were accepted; wait for the batch. The broker is ``redis_url`` itself, or
+    ``broker_url`` (RabbitMQ: tests/test_rabbitmq.py) with the state in ``redis_url``."""
     write_manifest(tmp_path, files, rows)
+    brokers = {"BGSWAP_BROKER_URL": broker_url or redis_url}
+    if broker_url:
+        brokers["BGSWAP_REDIS_URL"] = redis_url
     env = clean_env(
-        **paid.env, BGSWAP_BROKER_URL=redis_url, BGSWAP_ALLOW_PRIVATE_URLS="1",
+        **paid.env, **brokers, BGSWAP_ALLOW_PRIVATE_URLS="1",
         BGSWAP_ROW_LEASE_S=str(LEASE_S), BGSWAP_VISIBILITY_TIMEOUT_S="12",
         # Half the rows each at most: both workers hold rows whichever starts first.
         BGSWAP_WORKER_MAX_ROWS=str(rows // 2),
@@ -221,10 +231,16 @@ def run_with_fault(
                         "--batch-id", BATCH, cwd=tmp_path, env=env, timeout=60)  # fmt: skip
         assert submit.returncode == 0, submit.stderr
         if how != "none":
+
+            def holders() -> set[str]:
+                return set(store.redis.hvals(f"bgswap:{{{BATCH}}}:lease"))
+
+            # The second worker may start consuming after the first adopted its share.
+            wait_until(lambda: len(holders()) == 2, 60, "both workers to hold rows")
             quiet_moment(store, paid, at_least=rows // 5)
-            holders = set(store.redis.hvals(f"bgswap:{{{BATCH}}}:lease"))
+            held = holders()
             fault.start()
-            assert len(holders) == 2, holders  # both workers held rows at the fault
+            assert len(held) == 2, held  # both workers held rows at the fault
             wait_until(lambda: taken_over(store, rows), 60, "the rows to be taken over")
             fault.end()
         meta = runner.wait_for_batch(store, BATCH, lambda c, t: None, timeout_s=180)

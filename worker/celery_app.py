@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init, setup_logging
+from celery.utils.nodenames import default_nodename, nodename, nodesplit
 
 from worker import logs
 from worker.settings import Settings, get_settings
@@ -101,6 +103,17 @@ def apply_beat_config(settings: Settings) -> None:
             }
         },
     )
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _own_nodename(sender: str, instance: Any, **_: Any) -> None:
+    """A worker started without ``-n`` gets a node name of its own, ``celery-PID@host``:
+    with Celery's default, ``celery@host``, every worker on one host shares a name, and on
+    RabbitMQ the second one dies at start (its control queue, ``celery@host.celery.pidbox``,
+    is exclusive to the first: RESOURCE_LOCKED). On Redis it was only a warning."""
+    if sender == default_nodename(None):
+        name, host = nodesplit(sender)
+        instance.hostname = nodename(f"{name}-{os.getpid()}", host)
 
 
 apply_config(get_settings())
