@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 _DIR = "PROMETHEUS_MULTIPROC_DIR"
 if os.environ.get("BGSWAP_METRICS_PORT") and not os.environ.get(_DIR):
@@ -38,6 +39,8 @@ from prometheus_client import (  # noqa: E402 - after the folder is chosen, on p
 )
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
+
+from worker.jobs import ProviderName  # noqa: E402
 
 # Request round trips: tens of milliseconds to a provider's two-minute submit timeout.
 _LATENCY = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -107,6 +110,10 @@ API_DURATION = Histogram(
     buckets=_LATENCY,
 )
 
+PROVIDERS = frozenset(get_args(ProviderName))
+STATUSES = frozenset({"succeeded", "failed", "skipped", "canceled"})
+_CODE = re.compile(r"(?:[a-z_]+\.[a-z_]+)?")  # bgswap's codes: input.missing_field
+
 # Read at scrape time (ScrapeCollector), not counted by any process.
 IN_FLIGHT = "bgswap_provider_in_flight"
 IN_FLIGHT_LIMIT = "bgswap_provider_in_flight_limit"
@@ -171,10 +178,16 @@ def timed_request(provider: str, kind: str) -> Iterator[None]:
 
 
 def row_finished(record: dict[str, Any]) -> None:
-    provider = str(record.get("provider") or "unknown")
+    """A terminal row. A refused row's provider is whatever its manifest said: only the
+    providers bgswap has become label values (anything else is ``other``), as only
+    bgswap's own statuses and error codes do."""
+    provider = str(record.get("provider") or "")
+    provider = provider if provider in PROVIDERS else "other"
+    status = str(record.get("status"))
+    status = status if status in STATUSES else "other"
     error = record.get("error") or {}
     code = str(error.get("code", "")) if isinstance(error, dict) else ""
-    ROWS_FINISHED.labels(provider, str(record.get("status")), code).inc()
+    ROWS_FINISHED.labels(provider, status, code if _CODE.fullmatch(code) else "other").inc()
     cost = float(record.get("cost_usd") or 0.0)
     if cost:
         COST.labels(provider).inc(cost)
