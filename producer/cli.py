@@ -1034,8 +1034,11 @@ def serve(
     from worker import logs, metrics  # noqa: PLC0415
 
     logs.configure(settings.log_format)
-    if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_host, settings.metrics_port, api_scrape(settings))
+    if settings.metrics_port is not None and not metrics.serve(
+        settings.metrics_host, settings.metrics_port, api_scrape(settings)
+    ):
+        log.warning("BGSWAP_METRICS_PORT %d is taken: another process serves these metrics",
+                    settings.metrics_port)  # fmt: skip
     # The access log names method, path and status: never a header (the bearer token).
     # log_config=None: uvicorn's loggers go through the handler configured above.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None)
