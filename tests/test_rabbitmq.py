@@ -120,11 +120,17 @@ def test_the_watchdogs_queue_depth_counts_the_messages_waiting_on_rabbitmq(
 ) -> None:
     """What the watchdog asks before it re-publishes a stalled batch's rows (a passive
     queue declare), in a process of its own so the tests' Celery app keeps its broker."""
+    # A publish is not confirmed: the broker may count the last one a moment later, so
+    # the depth is read until it reaches 3 (for at most 10 s).
     script = (
+        "import time\n"
         "from worker.tasks import queue_depth, republish\n"
         "before = queue_depth()\n"
         "for index in range(3):\n"
         "    republish('depth1', index)\n"
+        "deadline = time.monotonic() + 10\n"
+        "while queue_depth() < 3 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
         "print(before, queue_depth())\n"
     )
     env = clean_env(BGSWAP_BROKER_URL=amqp_url, BGSWAP_REDIS_URL=redis_url)
