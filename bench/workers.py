@@ -112,6 +112,17 @@ def deliveries(redis_url: str) -> int:
         client.close()
 
 
+def redis_commands(redis_url: str) -> dict[str, int]:
+    """Commands Redis ran since the last reset, by name (its own INFO commandstats): the
+    producer's, the workers' and this benchmark's waiting for the batch, all together."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
 def tree(pid: int) -> list[int]:
     """``pid`` and its descendants (prefork children), from /proc."""
     out = [pid]
@@ -165,7 +176,8 @@ def submit_and_wait(
     with runner.open_manifest(str(manifest), None) as m:
         submitted = runner.submit_manifest(
             settings, app, store, read_manifest(m.stream, m.fmt, defaults), defaults=defaults,
-            output=str(workdir / "out"), batch_id=batch_id,
+            # an output of its own: rows of an earlier batch here would be skipped as done
+            output=str(workdir / f"out-{batch_id}"), batch_id=batch_id,
         )  # fmt: skip
     if submitted.rejected:
         raise RuntimeError(f"{submitted.rejected} rows rejected: {submitted.errors[:3]}")
