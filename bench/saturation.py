@@ -32,6 +32,7 @@ from bench.workers import (
     check_all_succeeded,
     cpu_s,
     deliveries,
+    redis_commands,
     reset_redis_stats,
     start_worker,
     stop_worker,
@@ -60,9 +61,9 @@ def steady_rate(accept_times: list[float]) -> float:
 def run(
     url: str, fake: FakeProvider, workdir: Path, rows: int, batch: str,
     extra: dict[str, str], args: tuple[str, ...],
-) -> tuple[float, float, float, int]:  # fmt: skip
-    """Rows/s from submit to output manifest, the worker's CPU seconds, the fake's, and
-    the deliveries (messages the workers took from the queue)."""
+) -> tuple[float, float, float, int, dict[str, int]]:  # fmt: skip
+    """Rows/s from submit to output manifest, the worker's CPU seconds, the fake's, the
+    deliveries (messages the workers took from the queue) and Redis's commands."""
     manifest = workdir / f"{batch}.csv"
     write_manifest(manifest, rows, fake.seed_url)
     env = worker_env(url, fake, **extra)
@@ -74,10 +75,11 @@ def run(
         seconds, lines = submit_and_wait(url, fake, manifest, workdir, batch)
         cpu = cpu_s(worker.pid) - cpu0
         taken = deliveries(url)
+        commands = redis_commands(url)
     finally:
         stop_worker(worker)
     check_all_succeeded(lines, rows)
-    return rows / seconds, cpu, fake.stats()["cpu_s"] - fake_cpu0, taken
+    return rows / seconds, cpu, fake.stats()["cpu_s"] - fake_cpu0, taken, commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         FakeProvider(LATENCY_S, RESULT_BYTES, free_port()) as fake,
     ):
         work = Path(tmp)
-        base_rate, _, _, _ = run(
+        base_rate, *_ = run(
             url, fake, work, args.baseline_rows, "sat-base",
             {"BGSWAP_RUNWARE_DELIVERY": "sync", "BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP),
              "BGSWAP_WORKER_CONCURRENCY": "1"},  # one row at a time per process
             ("-P", "prefork", "-c", "2"),
         )  # fmt: skip
-        rate, cpu, fake_cpu, taken = run(
+        rate, cpu, fake_cpu, taken, commands = run(
             url, fake, work, args.rows, "sat",
             {"BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP),
              "BGSWAP_WORKER_CONCURRENCY": str(args.concurrency),
@@ -126,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         f"first poll {args.poll_initial_s:g} s; {args.concurrency} threads; worker CPU "
         f"{1000 * cpu / args.rows:.1f} ms/row ({100 * cpu / seconds:.0f}% of a core), "
         f"{taken / args.rows:.1f} deliveries/row, {1000 * cpu / taken:.1f} ms/delivery, "
-        f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core",
-    )
+        f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core; Redis "
+        f"{sum(commands.values()) / args.rows:.1f} commands/row, most: "
+        + ", ".join(f"{name} {n / args.rows:.1f}" for name, n in
+                    sorted(commands.items(), key=lambda kv: -kv[1])[:6]),
+    )  # fmt: skip
     return 0 if result.met else 1
 
 
