@@ -193,13 +193,10 @@ def row_finished(record: dict[str, Any]) -> None:
         COST.labels(provider).inc(cost)
 
 
-def generation_took(provider: str, accepted_at: object) -> None:
-    """A result is ready; ``accepted_at`` is the wall-clock time the provider accepted
-    it, saved in the row's memory (it may have been another process)."""
-    if isinstance(accepted_at, int | float):
-        GENERATION_DURATION.labels(provider_label(provider)).observe(
-            max(0.0, time.time() - accepted_at)
-        )
+def generation_took(provider: str, seconds: float) -> None:
+    """A polled-for result is ready ``seconds`` after its provider accepted the request
+    (the row may have moved between processes meanwhile: the time is from its memory)."""
+    GENERATION_DURATION.labels(provider_label(provider)).observe(seconds)
 
 
 def admission_refused(provider: str, reason: str) -> None:

@@ -40,11 +40,12 @@ from worker.errors import (
 )
 from worker.hold import Hold, HoldLost, Stale
 from worker.incremental import Incremental
-from worker.jobs import Job
+from worker.jobs import Job, JobSpec
 from worker.limits import Deferred, ProviderLimits, RowLimits
 from worker.policy import retry_delay
 from worker.providers import get_provider
 from worker.providers.base import Fetcher, Provider, ProviderContext, ProviderResult, Wait
+from worker.providers.timing import GenerationTimes
 from worker.report import MANIFEST_CONTENT_TYPE, MANIFEST_NAME, spool_manifest
 from worker.settings import Settings
 from worker.state import BatchStore, FinishVerdict, SaveVerdict, StartVerdict
@@ -78,10 +79,12 @@ class Deps:
     flags: BatchFlags = field(init=False)
     image_budget: int = field(init=False)
     incremental: Incremental = field(init=False)
+    timings: GenerationTimes = field(init=False)
 
     def __post_init__(self) -> None:
         self.flags = BatchFlags(self.store)
         self.incremental = Incremental(self.store, self.storage)
+        self.timings = GenerationTimes(self.store.redis)
         self.image_budget = self.settings.image_memory_budget  # reads /sys once
 
     # A provider's global limits (worker/limits.py), None for free providers.
@@ -238,6 +241,8 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
         canceled=lambda: deps.flags.canceled(job.batch_id),
         limits=RowLimits(limits, job.job_id) if limits else None,
         guard=hold.guard,
+        expected=deps.timings.expected(provider.name, job.spec.rendering_speed),
+        generated=lambda seen, estimate: _generated(deps, provider.name, job.spec, seen, estimate),
     )
     try:
         outcome = provider.step(job, ctx)
@@ -269,6 +274,14 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
     # Before the terminal record: the index is complete once the batch is done.
     deps.incremental.record(job, record, fp)
     return record
+
+
+def _generated(deps: Deps, provider: str, spec: JobSpec, seen: float, estimate: float) -> None:
+    metrics.generation_took(provider, seen)
+    try:
+        deps.timings.record(provider, spec.rendering_speed, estimate)
+    except Exception as exc:  # only the poll schedule's learning misses one
+        log.warning("generation time not recorded: %s", type(exc).__name__)
 
 
 def store_outputs(

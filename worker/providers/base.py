@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from worker.jobs import Job, JobSpec
 from worker.limits import RowLimits
+from worker.providers.timing import Expected
 from worker.storage import Storage, StoredObject
 
 
@@ -92,6 +93,11 @@ class ProviderContext:
     # Raises when this worker may not act on the row now (worker/hold.py): called right
     # before a paid request goes out, after its intent was saved in ``memory``.
     guard: Callable[[], None] = lambda: None
+    # What this provider's recent generations took (worker/providers/timing.py; None:
+    # too few known), and where a polled-for result's times are reported: seconds from
+    # acceptance to the result seen, and the estimate of when it was ready.
+    expected: Expected | None = None
+    generated: Callable[[float, float], None] = lambda seen, estimate: None
 
 
 class Provider(Protocol):

@@ -60,7 +60,7 @@ from worker.providers.common import (
     remember,
     send,
 )
-from worker.providers.polling import next_wait, stop_if_canceled
+from worker.providers.polling import generated, next_wait, stop_if_canceled
 from worker.settings import Settings
 
 log = logging.getLogger("bgswap.fal")
@@ -304,7 +304,7 @@ class FalProvider:
                 logs.bind(provider_task_id=memory["request_id"])
                 stop_if_canceled(ctx, f"fal request {memory['request_id']}")
                 if self._poll(memory, ctx):
-                    metrics.generation_took("fal", memory.get("accepted_at"))
+                    generated(ctx, memory.get("accepted_at"), memory)
                     return self._outputs(job, memory["request_id"], self._result(memory), ctx)
         except RequestFailed:
             ctx.memory.save({"uploads": memory.get("uploads", {})})
@@ -313,6 +313,7 @@ class FalProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"fal request {memory['request_id']}",
+            expected=ctx.expected,
         )  # fmt: skip
 
     def cancel(self, memory: dict[str, Any]) -> bool:

@@ -14,12 +14,35 @@ from typing import Any
 
 from worker.errors import Codes, ProviderUnavailable, RowCanceled
 from worker.providers.base import Memory, ProviderContext, Wait
+from worker.providers.timing import Expected, learned_wait
 
 
 def poll_delay(polls: int, initial_s: float, max_s: float, factor: float = 1.5) -> float:
     """``initial_s`` first, then growing by ``factor`` up to ``max_s`` (about 1 s -> 10 s):
     quick for fast generations, gentle on the API for the slow ones."""
     return float(min(max_s, initial_s * factor ** max(0, polls)))
+
+
+# A result already there at the first poll after the submit was ready some time before
+# it: counted a little earlier than that poll, so a first poll that comes too late moves
+# earlier until about a tenth of the results are found on it (worker/providers/timing.py).
+EARLIER = 0.9
+
+
+def generated(ctx: ProviderContext, accepted_at: object, memory: dict[str, Any]) -> None:
+    """A poll found the result: report how long after the provider accepted it (the
+    wall-clock ``accepted_at`` in the row's memory) it was seen, and the estimate the
+    poll schedule learns from: the middle between the last poll that found it unfinished
+    and this one."""
+    if not isinstance(accepted_at, int | float):
+        return
+    now = time.time()
+    unready = memory.get("unready_at")
+    if isinstance(unready, int | float) and unready > accepted_at:
+        estimate = (unready + now) / 2 - accepted_at
+    else:
+        estimate = EARLIER * (now - accepted_at)
+    ctx.generated(max(0.0, now - accepted_at), max(0.0, estimate))
 
 
 def stop_if_canceled(ctx: ProviderContext, what: str) -> None:
@@ -37,14 +60,19 @@ def next_wait(
     max_s: float,
     timeout_s: float,
     what: str,
+    expected: Expected | None = None,
 ) -> Wait:
-    """Count a poll that found the work unfinished and say when to look again.
+    """Count a poll that found the work unfinished and say when to look again: on the
+    schedule learned from recent generations when there is one (``expected``,
+    worker/providers/timing.py), else on the configured backoff.
 
     Past ``timeout_s`` since the submission it raises a retryable timeout: the provider
     id stays in memory, so the next attempt polls the same request instead of paying for
     a new one. A canceled batch stops the wait.
     """
     stop_if_canceled(ctx, what)
+    if "waiting_since" in memory:  # this follows a poll, not the submit
+        memory["unready_at"] = time.time()
     started = float(memory.setdefault("waiting_since", time.time()))
     if time.time() - started > timeout_s:
         memory.pop("waiting_since", None)  # the next attempt gets a fresh window
@@ -56,4 +84,7 @@ def next_wait(
     polls = int(memory.get("polls", 0))
     memory["polls"] = polls + 1
     store.save(memory)
-    return Wait(poll_delay(polls, initial_s, max_s))
+    backoff = poll_delay(polls, initial_s, max_s)
+    if expected is None:
+        return Wait(backoff)
+    return Wait(learned_wait(expected, time.time() - started, initial_s, max_s, backoff))

@@ -54,7 +54,7 @@ from worker.providers.common import (
     reference_for_provider,
     send,
 )
-from worker.providers.polling import next_wait, stop_if_canceled
+from worker.providers.polling import generated, next_wait, stop_if_canceled
 from worker.settings import Settings
 from worker.storage import StoredObject, output_destination
 
@@ -498,7 +498,8 @@ class RunwareProvider:
         else:
             progress = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
         if progress is not None and progress.done(job.spec.num_results):
-            metrics.generation_took("runware", memory.get("accepted_at"))
+            if polled:  # a sync answer's time is the request's, not a poll schedule's
+                generated(ctx, memory.get("accepted_at"), memory)
             return self._result(job, task_uuid, progress, direct, ctx)
         if ctx.limits is not None and polled:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
@@ -506,6 +507,7 @@ class RunwareProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"Runware task {task_uuid}",
+            expected=ctx.expected,
         )  # fmt: skip
 
     def _task(
