@@ -68,7 +68,8 @@ def run(
     write_manifest(manifest, rows, fake.seed_url)
     env = worker_env(url, fake, **extra)
     worker = start_worker(env, workdir / f"{batch}.log", *args)
-    fake_cpu0 = fake.stats()["cpu_s"]
+    before = fake.stats()
+    fake_cpu0 = before["cpu_s"]
     try:
         cpu0 = cpu_s(worker.pid)
         reset_redis_stats(url)
@@ -79,7 +80,10 @@ def run(
     finally:
         stop_worker(worker)
     check_all_succeeded(lines, rows)
-    return rows / seconds, cpu, fake.stats()["cpu_s"] - fake_cpu0, taken, commands
+    after = fake.stats()
+    # the provider's requests (submits, polls, downloads), in the same dict for the note
+    commands["provider requests"] = -(after["requests"] - before["requests"])
+    return rows / seconds, cpu, after["cpu_s"] - fake_cpu0, taken, commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         f"first poll {args.poll_initial_s:g} s; {args.concurrency} threads; worker CPU "
         f"{1000 * cpu / args.rows:.1f} ms/row ({100 * cpu / seconds:.0f}% of a core), "
         f"{taken / args.rows:.1f} deliveries/row, {1000 * cpu / taken:.1f} ms/delivery, "
-        f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core; Redis "
+        f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core; "
+        f"{-commands.pop('provider requests') / args.rows:.2f} provider requests/row; Redis "
         f"{sum(commands.values()) / args.rows:.1f} commands/row, most: "
         + ", ".join(f"{name} {n / args.rows:.1f}" for name, n in
                     sorted(commands.items(), key=lambda kv: -kv[1])[:6]),
