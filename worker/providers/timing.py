@@ -2,10 +2,11 @@
 
 A row holds its in-flight slot until the poll that finds its result. On a fixed schedule
 (1 s, then x1.5) a 2 s generation is seen at 2.5 s and an 8 s one at up to 10.4 s: the
-account is paid for, and capped on, time in which nothing happens. So every completion
-that was polled for records its generation time (provider accepted -> result seen) in
-Redis, per provider and rendering speed, the last ``KEEP`` of them, shared by every
-worker; each process reads them at most every ``REFRESH_S`` seconds.
+account is paid for, and capped on, time in which nothing happens. So every result a poll
+finds records when it was ready (estimated from the polls around it:
+worker/providers/polling.py, ``generated``) in Redis, per provider and rendering speed,
+the last ``KEEP`` of them, shared by every worker; each process reads them at most every
+``REFRESH_S`` seconds.
 
 The policy (``learned_wait``, pure): with at least ``MIN_SAMPLES`` times known, the first
 poll comes at their low quantile (few results are ready earlier), then polls follow
