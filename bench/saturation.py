@@ -61,9 +61,10 @@ def steady_rate(accept_times: list[float]) -> float:
 def run(
     url: str, fake: FakeProvider, workdir: Path, rows: int, batch: str,
     extra: dict[str, str], args: tuple[str, ...],
-) -> tuple[float, float, float, int, dict[str, int]]:  # fmt: skip
+) -> tuple[float, float, float, int, int, dict[str, int]]:  # fmt: skip
     """Rows/s from submit to output manifest, the worker's CPU seconds, the fake's, the
-    deliveries (messages the workers took from the queue) and Redis's commands."""
+    deliveries (messages the workers took from the queue), the provider's requests and
+    Redis's commands."""
     manifest = workdir / f"{batch}.csv"
     write_manifest(manifest, rows, fake.seed_url)
     env = worker_env(url, fake, **extra)
@@ -81,9 +82,8 @@ def run(
         stop_worker(worker)
     check_all_succeeded(lines, rows)
     after = fake.stats()
-    # the provider's requests (submits, polls, downloads), in the same dict for the note
-    commands["provider requests"] = -(after["requests"] - before["requests"])
-    return rows / seconds, cpu, after["cpu_s"] - fake_cpu0, taken, commands
+    requests = after["requests"] - before["requests"]  # submits, polls, downloads
+    return rows / seconds, cpu, after["cpu_s"] - fake_cpu0, taken, requests, commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
              "BGSWAP_WORKER_CONCURRENCY": "1"},  # one row at a time per process
             ("-P", "prefork", "-c", "2"),
         )  # fmt: skip
-        rate, cpu, fake_cpu, taken, commands = run(
+        rate, cpu, fake_cpu, taken, requests, commands = run(
             url, fake, work, args.rows, "sat",
             {"BGSWAP_RUNWARE_MAX_IN_FLIGHT": str(CAP),
              "BGSWAP_WORKER_CONCURRENCY": str(args.concurrency),
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{1000 * cpu / args.rows:.1f} ms/row ({100 * cpu / seconds:.0f}% of a core), "
         f"{taken / args.rows:.1f} deliveries/row, {1000 * cpu / taken:.1f} ms/delivery, "
         f"fake CPU {100 * fake_cpu / seconds:.0f}% of a core; "
-        f"{-commands.pop('provider requests') / args.rows:.2f} provider requests/row; Redis "
+        f"{requests / args.rows:.2f} provider requests/row; Redis "
         f"{sum(commands.values()) / args.rows:.1f} commands/row, most: "
         + ", ".join(f"{name} {n / args.rows:.1f}" for name, n in
                     sorted(commands.items(), key=lambda kv: -kv[1])[:6]),

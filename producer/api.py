@@ -9,7 +9,6 @@ made the way ``bgswap submit`` makes one: rows given inline become JSON Lines re
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import hmac
 import io
@@ -52,7 +51,6 @@ from worker.errors import (
     UsageError,
 )
 from worker.fetch import SourceFetcher
-from worker.limits import in_flight
 from worker.netguard import is_public_address
 from worker.providers import default_provider
 from worker.ratelimit import parse_rate
@@ -585,22 +583,6 @@ class RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             metrics.api_request(scope["method"], template, status[0], time.monotonic() - started)
-
-
-def api_scrape(settings: Settings) -> metrics.ScrapeCollector:
-    """What the API's /metrics reads at each scrape: the providers' in-flight figures and
-    the queue's depth, from the same servers the API submits to."""
-    import worker.tasks  # noqa: F401, PLC0415 - the app with its queue
-    from worker.celery_app import QUEUE  # noqa: PLC0415
-    from worker.celery_app import app as celery_app  # noqa: PLC0415
-
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=health.TIMEOUT_S)
-
-    def depth() -> list[tuple[str, float]]:
-        found = health.gather_broker(settings, celery_app)[1]
-        return [] if found is None else [(QUEUE, float(found))]
-
-    return metrics.ScrapeCollector(functools.partial(in_flight, settings, client), depth)
 
 
 # A namespace for the hooks' idempotency keys, not a credential.

@@ -1030,15 +1030,21 @@ def serve(
                   "call will be refused (401)", highlight=False)  # fmt: skip
     import uvicorn  # noqa: PLC0415 - only this command serves
 
-    from producer.api import api_scrape, create_app  # noqa: PLC0415
+    from producer.api import create_app  # noqa: PLC0415
     from worker import logs, metrics  # noqa: PLC0415
+    from worker.tasks import scrape_collector  # noqa: PLC0415
 
     logs.configure(settings.log_format)
-    if settings.metrics_port is not None and not metrics.serve(
-        settings.metrics_host, settings.metrics_port, api_scrape(settings)
-    ):
-        log.warning("BGSWAP_METRICS_PORT %d is taken: another process serves these metrics",
-                    settings.metrics_port)  # fmt: skip
+    if settings.metrics_port is not None:
+        import redis  # noqa: PLC0415
+
+        # The same figures a worker's scrape reads, from the servers the API submits to.
+        client = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=3.0)
+        if not metrics.serve(
+            settings.metrics_host, settings.metrics_port, scrape_collector(settings, client)
+        ):
+            log.warning("BGSWAP_METRICS_PORT %d is taken: another process serves these "
+                        "metrics", settings.metrics_port)  # fmt: skip
     # The access log names method, path and status: never a header (the bearer token).
     # log_config=None: uvicorn's loggers go through the handler configured above.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None)

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from producer.infra import describe
-from worker.celery_app import QUEUE
+from worker.celery_app import queue_depth
 from worker.heartbeats import Heartbeat, fresh_s, read
 from worker.settings import Settings
 
@@ -66,7 +66,7 @@ def verdict(report: Report, *, require_workers: bool = False, host: str | None =
 
 def gather(settings: Settings, celery_app: Any) -> Report:
     redis_error, workers = _redis(settings)
-    broker_error, depth = gather_broker(settings, celery_app)
+    broker_error, depth = _broker(settings, celery_app)
     return Report(redis_error, broker_error, depth, workers, fresh_s(settings.watchdog_interval_s))
 
 
@@ -87,14 +87,8 @@ def _redis(settings: Settings) -> tuple[str | None, list[Heartbeat]]:
         client.close()
 
 
-def gather_broker(settings: Settings, celery_app: Any) -> tuple[str | None, int | None]:
+def _broker(settings: Settings, celery_app: Any) -> tuple[str | None, int | None]:
     try:
-        with celery_app.connection_for_read(connect_timeout=TIMEOUT_S) as conn:
-            conn.ensure_connection(max_retries=1, timeout=TIMEOUT_S)
-            try:
-                declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
-            except Exception:  # on Redis an empty queue does not exist: nothing waits
-                return None, 0
-            return None, int(declared.message_count)
+        return None, queue_depth(celery_app, TIMEOUT_S)
     except Exception as exc:
         return str(describe(exc, settings, broker=True)), None

@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, setup_logging
 from celery.utils.nodenames import default_nodename, nodename, nodesplit
+from kombu.exceptions import ChannelError
 
 from worker import logs
 from worker.settings import Settings, get_settings
@@ -79,6 +80,21 @@ def apply_config(settings: Settings) -> None:
         worker_hijack_root_logger=False,
     )
     apply_beat_config(settings)
+
+
+def queue_depth(celery: Any = None, timeout_s: float | None = None) -> int:
+    """Messages waiting in the row queue (Redis or AMQP, through kombu), on ``celery``'s
+    broker (this app's by default). With ``timeout_s``, a broker that does not answer
+    fails within about that long, once, instead of being retried (health checks)."""
+    opts = {} if timeout_s is None else {"connect_timeout": timeout_s}
+    with (celery or app).connection_for_read(**opts) as conn:
+        if timeout_s is not None:
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        try:
+            declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+        except ChannelError:  # on Redis an empty queue does not exist: nothing waits
+            return 0
+        return int(declared.message_count)
 
 
 def apply_beat_config(settings: Settings) -> None:

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 from celery.signals import beat_init, worker_process_shutdown, worker_ready, worker_shutdown
-from kombu.exceptions import ChannelError
 
 from worker import callbacks, heartbeats, metrics
 from worker.celery_app import QUEUE, app
+from worker.celery_app import queue_depth as celery_queue_depth
 from worker.errors import BgswapError, UsageError
 from worker.jobs import (
     TASK_DELIVER_CALLBACK,
@@ -24,11 +24,13 @@ from worker.limits import in_flight
 from worker.pipeline import fail_batch, finalize
 from worker.runtime import close_engine, get_deps, get_engine, set_publishers
 from worker.schedules import TASK_TICK
+from worker.settings import Settings
 from worker.watchdog import Watchdog
 
 # How long a delivery waits for room in this process's engine before the row goes back
 # to the queue (for a process with room): far below the visibility timeout.
 ADOPT_WAIT_S = 20.0
+SCRAPE_TIMEOUT_S = 3.0
 
 
 # The message only hands the row to this process's engine (worker/engine.py), which
@@ -126,12 +128,17 @@ def republish(batch_id: str, index: int) -> None:
 
 def queue_depth() -> int:
     """Messages waiting in the row queue (Redis or AMQP, through kombu)."""
-    with app.connection_for_read() as conn:
-        try:
-            declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
-        except ChannelError:  # on Redis an empty queue does not exist: nothing waits
-            return 0
-        return int(declared.message_count)
+    return celery_queue_depth()
+
+
+def scrape_collector(settings: Settings, client: Any) -> metrics.ScrapeCollector:
+    """What a /metrics scrape reads from the servers (worker/metrics.py): the accounts'
+    in-flight figures from Redis, the row queue's depth from the broker, each within a
+    few seconds (a scrape must not hang on a server that does not answer)."""
+    return metrics.ScrapeCollector(
+        functools.partial(in_flight, settings, client),
+        lambda: [(QUEUE, float(celery_queue_depth(timeout_s=SCRAPE_TIMEOUT_S)))],
+    )
 
 
 def start_watchdog() -> Watchdog:
@@ -162,10 +169,7 @@ def serve_metrics() -> None:
     settings = get_deps().settings
     if settings.metrics_port is None:
         return
-    collector = metrics.ScrapeCollector(
-        functools.partial(in_flight, settings, get_deps().store.redis),
-        lambda: [(QUEUE, float(queue_depth()))],
-    )
+    collector = scrape_collector(settings, get_deps().store.redis)
     if not metrics.serve(settings.metrics_host, settings.metrics_port, collector):
         logging.getLogger("bgswap.metrics").warning(
             "port %d is taken: another process serves these metrics", settings.metrics_port
