@@ -84,6 +84,32 @@ def test_two_threads_keep_twenty_generations_in_flight(
     assert sorted(fake.paid) == sorted(set(fake.paid))  # each paid once
 
 
+def test_the_polls_of_rows_due_together_share_requests_off_the_step_threads(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware(KEY, processing_s=1.0) as fake:
+        deps = make_deps(redis_url, fake)
+        submit(deps, 30, url, tmp_path, "gathered")
+        # One step thread: were each poll its own request on it, 30 rows polled every
+        # 0.1-0.2 s would keep it busy; gathered, a round is one request for all.
+        engine = Engine(deps, lambda b, i: None, threads=1, max_rows=100)
+        try:
+            for index in range(30):
+                assert engine.adopt("gathered", index, wait_s=5)
+            wait_for(lambda: deps.store.counts("gathered")["succeeded"] == 30, 30, "all done")
+        finally:
+            engine.close()
+        with fake.lock:
+            polls = [c.body for c in fake.requests if isinstance(c.body, list)
+                     and c.body and c.body[0].get("taskType") == "getResponse"]  # fmt: skip
+    polled = sum(len(tasks) for tasks in polls)
+    assert polled >= 30  # every row was polled at least once
+    assert len(polls) * 3 <= polled  # at least three rows a request, on average
+    assert max(len(tasks) for tasks in polls) >= 10
+    assert sorted(fake.paid) == sorted(set(fake.paid)) and len(fake.paid) == 30
+
+
 def test_the_admission_line_keeps_the_cap_and_moves_when_slots_free(
     redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
 ) -> None:

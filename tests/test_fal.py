@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -511,3 +512,63 @@ def test_cancel_stops_the_wait_and_cancels_the_request(seed_url: str) -> None:
         thread.join()
         assert fake.canceled == fake.submitted
         assert fake.billed() == []  # canceled while queued: not billed
+
+
+# -- the status polls of several rows in flight at once (the engine's prefetch) ----------
+
+
+def status_polls(fake: FakeFal) -> int:
+    with fake.lock:
+        return sum(1 for call in fake.requests if call.method == "GET" and
+                   call.path.split("?")[0].endswith("/status"))  # fmt: skip
+
+
+def waiting_rows(fake: FakeFal, seed_url: str, n: int) -> list[Runner]:
+    """``n`` rows on one provider (as in one worker process), each submitted and waiting."""
+    settings = settings_for(fake)
+    provider = FalProvider(settings)
+    rows = []
+    for _ in range(n):
+        runner = Runner(settings, spec(seed_url))
+        runner.provider = provider
+        wait = provider.step(runner.job, runner.ctx)
+        assert not isinstance(wait, ProviderResult)
+        assert wait.watch == runner.memory.value["status_url"]  # what the engine gathers
+        rows.append(runner)
+    return rows
+
+
+def test_the_status_polls_of_several_rows_go_out_together(fake: FakeFal, seed_url: str) -> None:
+    rows = waiting_rows(fake, seed_url, 3)
+    provider = rows[0].provider
+    time.sleep(0.4)  # past the fake's queue and processing time
+    before = status_polls(fake)
+    provider.prefetch([row.memory.value["status_url"] for row in rows])
+    assert status_polls(fake) == before + 3
+    results = [provider.step(row.job, row.ctx) for row in rows]
+    assert all(isinstance(r, ProviderResult) and len(r.outputs) == 1 for r in results)
+    assert status_polls(fake) == before + 3  # each step read its answer, none polled again
+    assert fake.submit_count() == 3  # paid once each
+
+
+def test_a_prefetched_status_that_failed_is_that_rows_poll_failing(
+    fake: FakeFal, seed_url: str
+) -> None:
+    (row,) = waiting_rows(fake, seed_url, 1)
+    provider = row.provider
+    fake.inject("status", route="status", status=503)
+    provider.prefetch([row.memory.value["status_url"]])
+    polls = status_polls(fake)
+    assert not isinstance(provider.step(row.job, row.ctx), ProviderResult)  # waits again
+    assert status_polls(fake) == polls
+    time.sleep(0.3)
+    assert isinstance(run_to_completion(provider, row.job, row.ctx), ProviderResult)
+    assert fake.submit_count() == 1
+
+
+def test_a_status_url_off_the_queues_origin_is_not_prefetched(fake: FakeFal, seed_url: str) -> None:
+    (row,) = waiting_rows(fake, seed_url, 1)
+    before = status_polls(fake)
+    row.provider.prefetch(["http://169.254.169.254/latest/meta-data/status"])
+    assert status_polls(fake) == before
+    assert row.provider._prefetched.take("http://169.254.169.254/latest/meta-data/status") is None

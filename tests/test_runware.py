@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from worker.providers.runware import (
     Payload,
     RunwareConfig,
     RunwareProvider,
+    answer_for,
     classify,
     error_kind,
     inference_task,
@@ -624,3 +626,102 @@ def test_poll_timeout_is_retryable_and_resumes_the_same_task(seed_url: str, tmp_
         runner.provider = RunwareProvider(settings_for(fake))
         assert len(runner.run().outputs) == 1
         assert len(fake.paid) == 1
+
+
+# -- polls of several rows in one getResponse request (the engine's prefetch) -----------
+
+
+def poll_requests(fake: FakeRunware) -> list[list[str]]:
+    """The taskUUIDs of each getResponse request the fake received, request by request."""
+    with fake.lock:
+        calls = list(fake.requests)
+    return [
+        [task["taskUUID"] for task in call.body]
+        for call in calls
+        if isinstance(call.body, list)
+        and call.body
+        and call.body[0].get("taskType") == "getResponse"
+    ]
+
+
+def submitted_rows(fake: FakeRunware, seed_url: str, tmp_path: Path, n: int) -> list[Runner]:
+    """``n`` rows on one provider (as in one worker process), each submitted and waiting."""
+    settings = settings_for(fake)
+    provider = RunwareProvider(settings)
+    rows = []
+    for i in range(n):
+        runner = Runner(settings, spec(seed_url), str(tmp_path / f"o{i}"))
+        runner.provider = provider
+        wait = provider.step(runner.job, runner.ctx)
+        assert not isinstance(wait, ProviderResult)
+        assert wait.watch == runner.memory.value["task_uuid"]  # what the engine gathers
+        rows.append(runner)
+    return rows
+
+
+def test_the_polls_of_several_rows_share_one_request(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    rows = submitted_rows(fake, seed_url, tmp_path, 3)
+    provider = rows[0].provider
+    uuids = [row.memory.value["task_uuid"] for row in rows]
+    stranger = "0b7d7f3e-5f7e-4c33-9d3e-4a1c3e0f6b11"  # a task Runware does not know
+    time.sleep(0.3)  # past the fake's generation time
+    provider.prefetch([*uuids, stranger])
+    assert poll_requests(fake) == [[*uuids, stranger]]  # one request for all four
+    results = [provider.step(row.job, row.ctx) for row in rows]
+    assert all(isinstance(r, ProviderResult) and len(r.outputs) == 1 for r in results)
+    assert len(poll_requests(fake)) == 1  # each step read its answer, none polled again
+    assert sorted(fake.paid) == sorted(uuids)  # paid once each
+    assert provider._prefetched.take(stranger) is not None  # kept for a row it is not
+
+
+def test_a_shared_poll_that_fails_is_each_rows_poll_failing(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    rows = submitted_rows(fake, seed_url, tmp_path, 2)
+    provider = rows[0].provider
+    fake.inject("status", task_type="getResponse", status=503, code="serviceUnavailable")
+    provider.prefetch([row.memory.value["task_uuid"] for row in rows])
+    for row in rows:  # nothing learnt: each waits for its next poll, without a request now
+        assert not isinstance(provider.step(row.job, row.ctx), ProviderResult)
+    assert len(poll_requests(fake)) == 1
+    time.sleep(0.3)
+    for row in rows:  # and then polls on its own as before
+        assert isinstance(run_to_completion(provider, row.job, row.ctx), ProviderResult)
+    assert len(fake.paid) == 2 and len(set(fake.paid)) == 2
+
+
+def test_an_account_error_in_a_shared_poll_halts_every_row_in_it(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    rows = submitted_rows(fake, seed_url, tmp_path, 2)
+    provider = rows[0].provider
+    fake.inject("status", task_type="getResponse", status=401, code="invalidApiKey")
+    provider.prefetch([row.memory.value["task_uuid"] for row in rows])
+    for row in rows:
+        with pytest.raises(ProviderAccountError):
+            provider.step(row.job, row.ctx)
+    assert len(poll_requests(fake)) == 1
+
+
+def test_one_tasks_error_in_a_shared_answer_is_that_rows_alone(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    rows = submitted_rows(fake, seed_url, tmp_path, 2)
+    provider = rows[0].provider
+    gone, fine = (row.memory.value["task_uuid"] for row in rows)
+    time.sleep(0.3)
+    # What Runware answers when one task of the request failed and the other finished.
+    shared = Answer(200, Payload(
+        [{"taskType": "imageInference", "taskUUID": fine, "status": "processing"}],
+        [{"code": "timeoutProvider", "message": "gone", "taskUUID": gone}],
+    ), None)  # fmt: skip
+    assert answer_for(shared, gone).payload.data == []
+    assert answer_for(shared, fine).payload.errors == []
+    provider._prefetched.put(gone, answer_for(shared, gone))
+    provider._prefetched.put(fine, answer_for(shared, fine))
+    with pytest.raises(ProviderUnavailable):  # a dead task: retried as a new task
+        provider.step(rows[0].job, rows[0].ctx)
+    assert not isinstance(provider.step(rows[1].job, rows[1].ctx), ProviderResult)
+    assert poll_requests(fake) == []  # both answers came from the shared one

@@ -46,12 +46,14 @@ from worker import logs, metrics
 from worker.hold import Hold, Stale, Unsure
 from worker.jobs import Job
 from worker.pipeline import Deps, Later, LocalRows, advance, begin
+from worker.providers.base import Prefetching
 
 log = logging.getLogger("bgswap.engine")
 
 Key = tuple[str, int]
 TRANSIENT_WAIT_S = 5.0  # a step that failed outside the row (Redis unreachable): try again
 HEARTBEAT_RETRY_S = 1.0
+GATHER_AHEAD_S = 0.05
 
 
 @dataclass
@@ -63,6 +65,9 @@ class Held:
     retry: bool = False  # the next step is a new attempt
     lost: bool = False  # another process took the row over: drop it
     probe: bool = False  # this step is its gate's probe for admission
+    # What its next step polls, when its provider can poll for several rows at once
+    # (worker/providers/base.py: Prefetching): the engine gathers those polls.
+    watch: str | None = None
 
 
 @dataclass
@@ -110,6 +115,10 @@ class Engine:
         self._timers: list[tuple[float, int, Key, Held]] = []
         self._seq = itertools.count()
         self._gates: dict[str, Gate] = defaultdict(Gate)
+        # Rows whose wait is over and whose poll is gathered with the others that are due,
+        # per provider, by one thread each (``_gather``): no step thread waits for a poll.
+        self._due: dict[str, list[tuple[Key, Held]]] = defaultdict(list)
+        self._gatherers: dict[str, threading.Thread] = {}
         self._closing = False
         self._stopped = threading.Event()
         self._threads = [
@@ -296,6 +305,7 @@ class Engine:
             self._let_go(key)
             return
         held.retry = later.kind == "retry"
+        held.watch = later.watch
         due = self.clock() + later.seconds
         heapq.heappush(self._timers, (due, next(self._seq), key, held))
 
@@ -316,11 +326,65 @@ class Engine:
                 # account stays full instead of refilling in waves behind the polls.
                 for gate in self._gates.values():
                     self._move(gate, now)
-                while self._timers and self._timers[0][0] <= now and self._busy < self.threads:
-                    _, _, key, held = heapq.heappop(self._timers)
-                    if self._held.get(key) is held:
-                        self._dispatch(key, held)
+                self._fire_timers(now)
                 self._cv.wait(self._next_event(now))
+
+    def _fire_timers(self, now: float) -> None:
+        # Polls due within GATHER_AHEAD_S go with one due now: a little early costs
+        # nothing (an unfinished task is polled again), a request of its own would.
+        while self._timers and self._timers[0][0] <= now + GATHER_AHEAD_S:
+            due, _, key, held = self._timers[0]
+            if self._held.get(key) is not held:
+                heapq.heappop(self._timers)
+            elif held.watch is not None and self._gathers(held.job.spec.provider):
+                heapq.heappop(self._timers)  # its poll goes with the others: no thread yet
+                self._due[held.job.spec.provider].append((key, held))
+                self._cv.notify_all()
+            elif due > now:
+                return
+            elif self._busy < self.threads:
+                heapq.heappop(self._timers)
+                self._dispatch(key, held)
+            else:
+                return
+
+    def _gathers(self, name: str) -> bool:
+        """Does ``name``'s provider poll for several rows at once? Its thread starts then."""
+        if name not in self._gatherers:
+            if not isinstance(self.deps.provider(name), Prefetching):
+                return False
+            thread = threading.Thread(
+                target=self._gather, args=(name,), name=f"bgswap-poll-{name}", daemon=True
+            )
+            self._gatherers[name] = thread
+            thread.start()
+        return True
+
+    def _gather(self, name: str) -> None:
+        """Poll every row of ``name`` that is due, in as few requests as the provider
+        takes, then give each its step (which reads its answer). While one round is out,
+        the rows falling due gather for the next: polls wait for no timer of their own."""
+        provider = self.deps.provider(name)
+        assert isinstance(provider, Prefetching)
+        while True:
+            with self._cv:
+                while not self._closing and not self._due[name]:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                due = [(key, held) for key, held in self._due[name] if self._held.get(key) is held]
+                self._due[name] = []
+            try:
+                provider.prefetch([held.watch for _, held in due if held.watch is not None])
+            except Exception as exc:  # each row's step polls for itself instead
+                log.warning("%s: gathered poll failed: %s", name, type(exc).__name__)
+            with self._cv:
+                now = self.clock()
+                for key, held in due:
+                    if self._held.get(key) is held:
+                        held.watch = None
+                        heapq.heappush(self._timers, (now, next(self._seq), key, held))
+                self._cv.notify_all()
 
     def _move(self, gate: Gate, now: float) -> None:
         if not gate.waiting or now < gate.not_before:

@@ -323,6 +323,7 @@ class Later:
 
     seconds: float
     kind: Literal["wait", "retry", "admission"]
+    watch: str | None = None  # a wait's: what its next step polls (providers/base.py: Wait)
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ def advance(job: Job, deps: Deps, attempt: int, hold: Hold) -> Later | None:
         _finish(job, deps, _failure(job, internal), hold)
         return None
     if isinstance(record, Wait):
-        return Later(record.seconds, "wait")
+        return Later(record.seconds, "wait", record.watch)
     _finish(job, deps, record, hold)
     return None
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from worker.jobs import Job, JobSpec
 from worker.limits import RowLimits
@@ -30,9 +30,15 @@ class OutputImage:
 
 @dataclass(frozen=True)
 class Wait:
-    """Not done yet: deliver this row again in ``seconds`` (see worker/providers/polling.py)."""
+    """Not done yet: deliver this row again in ``seconds`` (see worker/providers/polling.py).
+
+    ``watch`` names what the next step will poll (a Runware taskUUID, a fal status URL)
+    when the provider can look several up at once (``Prefetching``): the engine then asks
+    for all the rows that are due in one go, off the step threads, and the step reads the
+    answer it was given instead of waiting for a round trip of its own."""
 
     seconds: float
+    watch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,15 @@ class Provider(Protocol):
         """Advance one row by one short step (a submit, or one poll): its results, or
         how long to wait before the next step. Raises a worker.errors.BgswapError."""
         ...
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """A provider whose polls the engine can gather (worker/engine.py): ``prefetch`` asks
+    about every watched wait that is due, in as few requests as the provider allows, and
+    keeps each answer for the row's next step, which uses it instead of a request."""
+
+    def prefetch(self, watches: Sequence[str]) -> None: ...
 
 
 def run_to_completion(provider: Provider, job: Job, ctx: ProviderContext) -> ProviderResult:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from PIL import Image
@@ -28,6 +29,34 @@ from worker.providers.base import Memory, ProviderContext
 
 class Ambiguous(ProviderUnavailable):
     """The request may or may not have been accepted (and paid for)."""
+
+
+T = TypeVar("T")
+
+
+class Prefetched(Generic[T]):
+    """Answers fetched ahead for rows' next steps (``Prefetching``, worker/providers/base.py),
+    by what each row watches. Each is taken once, and only while fresh: a row let go before
+    its step leaves nothing behind for long, and a late step polls afresh."""
+
+    def __init__(self, max_age_s: float = 30.0) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[float, T]] = {}
+
+    def put(self, key: str, value: T) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._items[key] = (now, value)
+            if len(self._items) > 64 and next(iter(self._items.values()))[0] < now - self.max_age_s:
+                self._items = {k: v for k, v in self._items.items() if v[0] >= now - self.max_age_s}
+
+    def take(self, key: str) -> T | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+        if item is None or item[0] < time.monotonic() - self.max_age_s:
+            return None
+        return item[1]
 
 
 Rule = tuple[Callable[[str, int], bool], type[BgswapError], str]
@@ -63,17 +92,36 @@ def _request(
 ) -> httpx.Response:
     try:
         return http.request(method, url, **kwargs)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        # Nothing reached the provider: sending again is safe.
-        raise ProviderUnavailable(
-            Codes.PROVIDER_UNAVAILABLE, f"{provider}: cannot connect ({type(exc).__name__})"
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise Ambiguous(Codes.PROVIDER_TIMEOUT, f"{provider} did not answer in time") from exc
     except httpx.TransportError as exc:
-        raise Ambiguous(
-            Codes.PROVIDER_UNAVAILABLE, f"{provider}: connection failed ({type(exc).__name__})"
-        ) from exc
+        raise transport_error(exc, provider) from exc
+
+
+async def asend(
+    http: httpx.AsyncClient, method: str, url: str, *, provider: str, kind: str, **kwargs: Any
+) -> httpx.Response:
+    """``send`` on an event loop (the engine's gathered polls)."""
+    started = time.monotonic()
+    try:
+        response = await http.request(method, url, **kwargs)
+    except httpx.TransportError as exc:
+        metrics.request_done(provider, kind, None, time.monotonic() - started)
+        raise transport_error(exc, provider) from exc
+    metrics.request_done(provider, kind, response.status_code, time.monotonic() - started)
+    return response
+
+
+def transport_error(exc: httpx.TransportError, provider: str) -> ProviderUnavailable:
+    """A request that got no answer: surely not sent (safe to send again) or maybe sent."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        # Nothing reached the provider: sending again is safe.
+        return ProviderUnavailable(
+            Codes.PROVIDER_UNAVAILABLE, f"{provider}: cannot connect ({type(exc).__name__})"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return Ambiguous(Codes.PROVIDER_TIMEOUT, f"{provider} did not answer in time")
+    return Ambiguous(
+        Codes.PROVIDER_UNAVAILABLE, f"{provider}: connection failed ({type(exc).__name__})"
+    )
 
 
 def remember(memory: dict[str, Any], store: Memory, **values: Any) -> None:

@@ -32,9 +32,13 @@ names are followed only on the configured queue host: the key never goes elsewhe
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import re
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +59,8 @@ from worker.jobs import CONTENT_TYPES, EXTENSIONS, ColorPalette, Job, JobSpec
 from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
 from worker.providers.common import (
     Ambiguous,
+    Prefetched,
+    asend,
     image_info,
     reference_for_provider,
     remember,
@@ -283,6 +289,12 @@ class FalProvider:
         self.cfg = FalConfig.from_settings(settings)
         self._key = settings.fal_key
         self.http = http or httpx.Client(timeout=self.cfg.http_timeout_s, trust_env=False)
+        # The engine's gathered polls (``prefetch``): every status request that is due
+        # in flight at once on one event loop, which this provider keeps with its client.
+        self._prefetched: Prefetched[httpx.Response | BgswapError] = Prefetched()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_http: httpx.AsyncClient | None = None
+        self._loop_lock = threading.Lock()
 
     def estimate_cost(self, spec: JobSpec) -> float:
         return estimate_cost(spec)
@@ -293,6 +305,32 @@ class FalProvider:
             raise ProviderAccountError(Codes.PROVIDER_AUTH, "FAL_KEY is not set on this worker")
         # The key lives only in this header; never in messages, logs or Redis.
         return {"Authorization": f"Key {self._key.get_secret_value()}"}
+
+    def prefetch(self, watches: Sequence[str]) -> None:
+        """Ask for the status of every watched request (their status URLs) at once, each
+        answer kept for its row's next step: fal has no request for several statuses, so
+        they go out together on an event loop instead of one per step thread."""
+        auth = self._auth
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._statuses(watches, auth))
+
+    async def _statuses(self, urls: Sequence[str], auth: dict[str, str]) -> None:
+        if self._async_http is None:  # made on the loop that uses it
+            self._async_http = httpx.AsyncClient(timeout=self.cfg.http_timeout_s, trust_env=False)
+        client = self._async_http
+
+        async def status(url: str) -> None:
+            try:
+                response = await asend(client, "GET", url, provider="fal", kind="poll",
+                                       params={"logs": "0"}, headers=auth)  # fmt: skip
+            except BgswapError as err:
+                self._prefetched.put(url, err)
+                return
+            self._prefetched.put(url, response)
+
+        await asyncio.gather(*(status(url) for url in urls if same_origin(url, self.cfg.queue_url)))
 
     def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
         """Submit (once) or poll (once); then the results, or how long to wait."""
@@ -313,7 +351,7 @@ class FalProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"fal request {memory['request_id']}",
-            expected=ctx.expected,
+            expected=ctx.expected, watch=memory.get("status_url"),
         )  # fmt: skip
 
     def cancel(self, memory: dict[str, Any]) -> bool:
@@ -464,9 +502,13 @@ class FalProvider:
         """True once COMPLETED; None while queued or running (or on a free-to-retry error)."""
         if ctx.limits is not None:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
+        response = self._prefetched.take(memory["status_url"])
         try:
-            response = send(self.http, "GET", memory["status_url"], provider="fal", kind="poll",
-                            params={"logs": "0"}, headers=self._auth)  # fmt: skip
+            if isinstance(response, BgswapError):
+                raise copy.copy(response)  # one instance per row: each raise sets a traceback
+            if response is None:
+                response = send(self.http, "GET", memory["status_url"], provider="fal",
+                                kind="poll", params={"logs": "0"}, headers=self._auth)  # fmt: skip
         except ProviderUnavailable as err:
             log.info("poll of %s: %s", memory["request_id"], err.code)
             return None

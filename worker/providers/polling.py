@@ -61,6 +61,7 @@ def next_wait(
     timeout_s: float,
     what: str,
     expected: Expected | None = None,
+    watch: str | None = None,
 ) -> Wait:
     """Count a poll that found the work unfinished and say when to look again: on the
     schedule learned from recent generations when there is one (``expected``,
@@ -86,5 +87,5 @@ def next_wait(
     store.save(memory)
     backoff = poll_delay(polls, initial_s, max_s)
     if expected is None:
-        return Wait(backoff)
-    return Wait(learned_wait(expected, time.time() - started, initial_s, max_s, backoff))
+        return Wait(backoff, watch)
+    return Wait(learned_wait(expected, time.time() - started, initial_s, max_s, backoff), watch)

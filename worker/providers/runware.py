@@ -23,11 +23,12 @@ the pipeline stops Runware for the rest of the batch.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -48,6 +49,7 @@ from worker.jobs import CONTENT_TYPES, EXTENSIONS, Job, JobSpec
 from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
 from worker.providers.common import (
     Ambiguous,
+    Prefetched,
     Rule,
     classify_by_rules,
     image_info,
@@ -61,6 +63,9 @@ from worker.storage import StoredObject, output_destination
 log = logging.getLogger("bgswap.runware")
 
 MODEL = "ideogram:4@5"
+# getResponse tasks per shared poll request: the rows of one process that are due at once
+# (Runware takes an array of tasks per request and answers each on its own).
+POLL_BATCH = 100
 SPEEDS = {"TURBO": "TURBO", "BALANCED": "DEFAULT", "QUALITY": "QUALITY"}
 # USD per image for the estimate; the real cost comes back with includeCost. The seed
 # page shows 0.06 (default speed) and 0.09 (QUALITY); TURBO's 0.03 is fal's price.
@@ -382,6 +387,17 @@ def poll_progress(answer: Answer, task_uuid: str) -> Progress | None:
 KINDS = {"imageInference": "submit", "getResponse": "poll", "imageUpload": "upload"}
 
 
+def answer_for(answer: Answer, task_uuid: str) -> Answer:
+    """One task's part of an answer to several: its items and errors, and those about no
+    task in particular (a refusal of the whole request concerns every task in it)."""
+    mine = (None, task_uuid)
+    payload = Payload(
+        [item for item in answer.payload.data if item.get("taskUUID") in mine],
+        [error for error in answer.payload.errors if error.get("taskUUID") in mine],
+    )
+    return Answer(answer.status, payload, answer.retry_after_s)
+
+
 def request_kind(tasks: list[dict[str, Any]]) -> str:
     """What a POST is for, by its first task (the metrics' ``kind``)."""
     return KINDS.get(str(tasks[0].get("taskType")) if tasks else "", "other")
@@ -458,6 +474,8 @@ class RunwareProvider:
         self._key = settings.runware_api_key
         self._http = http
         self._client: RunwareClient | None = None
+        # Polls the engine gathered into shared getResponse requests (``prefetch``).
+        self._prefetched: Prefetched[Answer | BgswapError] = Prefetched()
 
     @property
     def client(self) -> RunwareClient:
@@ -472,6 +490,22 @@ class RunwareProvider:
 
     def estimate_cost(self, spec: JobSpec) -> float:
         return estimate_cost(spec)
+
+    def prefetch(self, watches: Sequence[str]) -> None:
+        """Poll every watched task in getResponse requests of up to ``POLL_BATCH`` tasks
+        each: the engine's way of polling all the rows that are due at once (Runware
+        answers each task of a request on its own, matched here by taskUUID)."""
+        for start in range(0, len(watches), POLL_BATCH):
+            chunk = watches[start : start + POLL_BATCH]
+            tasks = [{"taskType": "getResponse", "taskUUID": task_uuid} for task_uuid in chunk]
+            try:
+                answer = self.client.exchange(tasks)
+            except BgswapError as err:  # each row's step takes it as its own poll's failure
+                for task_uuid in chunk:
+                    self._prefetched.put(task_uuid, err)
+                continue
+            for task_uuid in chunk:
+                self._prefetched.put(task_uuid, answer_for(answer, task_uuid))
 
     def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
         try:
@@ -507,7 +541,7 @@ class RunwareProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"Runware task {task_uuid}",
-            expected=ctx.expected,
+            expected=ctx.expected, watch=task_uuid,
         )  # fmt: skip
 
     def _task(
@@ -599,10 +633,15 @@ class RunwareProvider:
     # waiting -------------------------------------------------------------------
 
     def _poll(self, task_uuid: str) -> Progress | None:
-        """One getResponse; None when the poll itself failed (polls are free: a 429, 5xx
-        or timeout while polling just waits for the next one)."""
+        """One getResponse (or its answer, when the engine polled ahead: ``prefetch``);
+        None when the poll itself failed (polls are free: a 429, 5xx or timeout while
+        polling just waits for the next one)."""
+        answer = self._prefetched.take(task_uuid)
         try:
-            answer = self.client.exchange([{"taskType": "getResponse", "taskUUID": task_uuid}])
+            if isinstance(answer, BgswapError):
+                raise copy.copy(answer)  # one instance per row: each raise sets a traceback
+            if answer is None:
+                answer = self.client.exchange([{"taskType": "getResponse", "taskUUID": task_uuid}])
         except ProviderUnavailable as err:
             log.info("poll of %s: %s", task_uuid, err.code)
             return None
