@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,10 @@ from worker.errors import (
     ProviderUnavailable,
 )
 from worker.fetch import SourceFetcher
+from worker.hold import Stale
 from worker.jobs import Job, JobSpec
 from worker.providers.base import DictMemory, ProviderContext, ProviderResult, run_to_completion
+from worker.providers.common import Ambiguous, SharedRequests
 from worker.providers.runware import (
     Answer,
     Kind,
@@ -725,3 +729,123 @@ def test_one_tasks_error_in_a_shared_answer_is_that_rows_alone(
         provider.step(rows[0].job, rows[0].ctx)
     assert not isinstance(provider.step(rows[1].job, rows[1].ctx), ProviderResult)
     assert poll_requests(fake) == []  # both answers came from the shared one
+
+
+# -- submits made at about the same time share one request ------------------------------
+
+
+def test_shared_requests_batch_what_comes_while_one_is_out() -> None:
+    sizes: list[int] = []
+    first_out = threading.Event()
+    release = threading.Event()
+
+    def send_many(items: list[int]) -> list[int | Exception]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            first_out.set()
+            release.wait(5)
+        return [ValueError(f"bad {i}") if i == 13 else i * 10 for i in items]
+
+    shared: SharedRequests[int, int] = SharedRequests(send_many, cap=4)
+    outcomes: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            outcomes[i] = shared.send(i)
+        except ValueError as exc:
+            outcomes[i] = str(exc)
+
+    threads = [threading.Thread(target=call, args=(0,))]
+    threads[0].start()
+    assert first_out.wait(5)
+    for i in range(10, 16):  # six come while the first is out
+        threads.append(threading.Thread(target=call, args=(i,)))
+        threads[-1].start()
+    deadline = time.monotonic() + 5
+    while len(shared._queue) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert sizes == [1, 4, 2]  # the six went together, at most four a request
+    assert outcomes == {0: 0, 10: 100, 11: 110, 12: 120, 13: "bad 13", 14: 140, 15: 150}
+
+
+def submit_together(fake: FakeRunware, tasks: list[dict[str, Any]],
+                    guards: list[Callable[[], None]] | None = None) -> list[object]:  # fmt: skip
+    """Each task submitted by its own thread while a slow first request is out, so that
+    they share the next one."""
+    client = RunwareProvider(settings_for(fake)).client
+    fake.inject("slow", delay_s=0.5)  # the first request is out while the others come
+    outcomes: list[object] = [None] * len(tasks)
+
+    def call(n: int) -> None:
+        guard = guards[n] if guards else (lambda: None)
+        try:
+            outcomes[n] = client.submit(tasks[n], guard)
+        except Exception as exc:
+            outcomes[n] = exc
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(tasks))]
+    threads[0].start()
+    time.sleep(0.1)
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+def inference_tasks(seed_url: str, n: int) -> list[dict[str, Any]]:
+    cfg = RunwareConfig.from_settings(Settings(runware_api_key=KEY))
+    return [inference_task(spec(seed_url), task_uuid=str(uuid.uuid4()), seed_image=seed_url,
+                           style_references=None, cfg=cfg) for _ in range(n)]  # fmt: skip
+
+
+def submit_requests(fake: FakeRunware) -> list[int]:
+    with fake.lock:
+        return [len(c.body) for c in fake.requests if isinstance(c.body, list) and c.body
+                and c.body[0].get("taskType") == "imageInference"]  # fmt: skip
+
+
+def test_submits_made_together_share_a_request_and_each_is_judged_alone(
+    fake: FakeRunware, seed_url: str
+) -> None:
+    tasks = inference_tasks(seed_url, 4)
+    tasks[2]["width"] = 1024  # refused by Runware for 4@5: this task alone
+    outcomes = submit_together(fake, tasks)
+    assert submit_requests(fake) == [1, 3]  # the three that came meanwhile went together
+    assert isinstance(outcomes[2], ProviderRejected)
+    assert all(isinstance(outcomes[n], Payload) for n in (0, 1, 3))
+    assert sorted(fake.paid) == sorted(tasks[n]["taskUUID"] for n in (0, 1, 3))
+
+
+def test_a_5xx_on_a_shared_submit_leaves_each_task_unsure_and_none_is_paid_twice(
+    fake: FakeRunware, seed_url: str, tmp_path: Path
+) -> None:
+    tasks = inference_tasks(seed_url, 3)
+    fake.inject("accept_then_500", times=2)  # the first request, and the shared one
+    outcomes = submit_together(fake, tasks)
+    assert submit_requests(fake) == [1, 2]
+    assert all(isinstance(o, Ambiguous) for o in outcomes)  # maybe taken, maybe not
+    assert sorted(fake.paid) == sorted(t["taskUUID"] for t in tasks)  # they were
+    # Each row finds its own task with getResponse and polls it: nothing is sent again.
+    for task in tasks:
+        runner = Runner(settings_for(fake), spec(seed_url), str(tmp_path / task["taskUUID"]))
+        runner.memory.value = {"task_uuid": task["taskUUID"], "attempted": True}
+        assert len(runner.run().outputs) == 1
+    assert len(fake.paid) == 3 and len(submit_requests(fake)) == 2
+
+
+def test_a_submit_whose_hold_lapsed_while_it_waited_is_not_sent(
+    fake: FakeRunware, seed_url: str
+) -> None:
+    tasks = inference_tasks(seed_url, 3)
+
+    def lapsed() -> None:
+        raise Stale("taken over while waiting for the shared request")
+
+    outcomes = submit_together(fake, tasks, [lambda: None, lapsed, lambda: None])
+    assert isinstance(outcomes[1], Stale)
+    assert submit_requests(fake) == [1, 1]
+    assert sorted(fake.paid) == sorted(tasks[n]["taskUUID"] for n in (0, 2))

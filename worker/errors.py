@@ -53,6 +53,18 @@ class BgswapError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copied (one instance per thread that raises it) and pickled as it is, whatever
+        # the subclass's __init__ takes.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[BgswapError], args: tuple[Any, ...], state: dict[str, Any]) -> BgswapError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class RetryableError(BgswapError):
     retryable: ClassVar[bool] = True

@@ -10,12 +10,14 @@ its own way (Runware can ask about its client-chosen task id; fal cannot).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 from PIL import Image
@@ -57,6 +59,56 @@ class Prefetched(Generic[T]):
         if item is None or item[0] < time.monotonic() - self.max_age_s:
             return None
         return item[1]
+
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    outcome: Out | Exception | None = None
+    done: bool = False
+
+
+class SharedRequests(Generic[In, Out]):
+    """What the threads of a process send at about the same time, sent as one request:
+    while one is out, those that come meanwhile wait for it to end and go together in
+    the next (up to ``cap`` in one). No timer: a request that finds none out goes at
+    once. ``send_many`` answers each item, in order, with its outcome or its error."""
+
+    def __init__(self, send_many: Callable[[list[In]], list[Out | Exception]], cap: int) -> None:
+        self.send_many = send_many
+        self.cap = cap
+        self._cv = threading.Condition()
+        self._queue: list[_Pending[In, Out]] = []
+        self._out = False
+
+    def send(self, item: In) -> Out:
+        pending: _Pending[In, Out] = _Pending(item)
+        batch: list[_Pending[In, Out]] = []
+        with self._cv:
+            self._queue.append(pending)
+            # The oldest waiting leads the next request, once none is out.
+            while not pending.done and (self._out or self._queue[0] is not pending):
+                self._cv.wait()
+            if not pending.done:
+                batch, self._queue[: self.cap] = self._queue[: self.cap], []
+                self._out = True
+        if batch:
+            try:
+                outcomes = self.send_many([p.item for p in batch])
+            except Exception as exc:  # a bug: every item in it fails alike
+                outcomes = [exc] * len(batch)
+            with self._cv:
+                for p, outcome in zip(batch, outcomes, strict=True):
+                    p.outcome, p.done = outcome, True
+                self._out = False
+                self._cv.notify_all()
+        if isinstance(pending.outcome, Exception):
+            raise copy.copy(pending.outcome)  # one instance per thread: a raise sets its traceback
+        return cast(Out, pending.outcome)
 
 
 Rule = tuple[Callable[[str, int], bool], type[BgswapError], str]

@@ -51,6 +51,7 @@ from worker.providers.common import (
     Ambiguous,
     Prefetched,
     Rule,
+    SharedRequests,
     classify_by_rules,
     image_info,
     reference_for_provider,
@@ -66,6 +67,7 @@ MODEL = "ideogram:4@5"
 # getResponse tasks per shared poll request: the rows of one process that are due at once
 # (Runware takes an array of tasks per request and answers each on its own).
 POLL_BATCH = 100
+SUBMIT_BATCH = 20  # imageInference tasks per shared submit request
 SPEEDS = {"TURBO": "TURBO", "BALANCED": "DEFAULT", "QUALITY": "QUALITY"}
 # USD per image for the estimate; the real cost comes back with includeCost. The seed
 # page shows 0.06 (default speed) and 0.09 (QUALITY); TURBO's 0.03 is fal's price.
@@ -398,6 +400,9 @@ def answer_for(answer: Answer, task_uuid: str) -> Answer:
     return Answer(answer.status, payload, answer.retry_after_s)
 
 
+Submit = tuple[dict[str, Any], Callable[[], None]]  # a task and the hold's guard
+
+
 def request_kind(tasks: list[dict[str, Any]]) -> str:
     """What a POST is for, by its first task (the metrics' ``kind``)."""
     return KINDS.get(str(tasks[0].get("taskType")) if tasks else "", "other")
@@ -411,6 +416,9 @@ class RunwareClient:
         self.http = http or httpx.Client(timeout=cfg.request_timeout_s, trust_env=False)
         # The key lives only in this header; never in messages, logs or Redis.
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._shared: SharedRequests[Submit, Payload] = SharedRequests(
+            self._post_shared, SUBMIT_BATCH
+        )
 
     def exchange(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Answer:
         """POST the tasks and read the answer; raises only when there is none to read."""
@@ -439,22 +447,74 @@ class RunwareClient:
 
     def post(self, tasks: list[dict[str, Any]], timeout_s: float | None = None) -> Payload:
         """POST tasks that must be taken (a submit, an upload): a refusal raises."""
-        answer = self.exchange(tasks, timeout_s)
-        status, payload, retry_after = answer.status, answer.payload, answer.retry_after_s
-        if status >= 400 and not payload.errors:
-            payload = Payload(payload.data, [{"code": f"http{status}"}])
-        # At 200, errors marked `status: error` are failed generations (task outcomes, for
-        # Progress to count); unmarked ones mean the request itself was refused.
-        refused = [e for e in payload.errors if e.get("status") != "error"]
-        if status >= 400 or (refused and not payload.data):
-            first = (refused or payload.errors)[0]
-            error = classify(status, first, retry_after)
-            if status >= 500:
-                raise Ambiguous(error.code, error.message, retry_after_s=error.retry_after_s)
-            if first.get("code") == CONFLICT:
-                raise Conflict(first)
-            raise error
-        return payload
+        return judge(self.exchange(tasks, timeout_s))
+
+    def submit(self, task: dict[str, Any], guard: Callable[[], None]) -> Payload:
+        """``post([task])``, in one request with the submits other threads of this process
+        make meanwhile (``SharedRequests``): Runware takes and answers each on its own.
+        ``guard`` runs right before the request goes (worker/hold.py), however long the
+        task waited for the one before it."""
+        return self._shared.send((task, guard))
+
+    def _post_shared(self, items: list[Submit]) -> list[Payload | Exception]:
+        outcomes: list[Payload | Exception] = []
+        going: list[dict[str, Any]] = []
+        for task, guard in items:
+            try:
+                guard()
+            except Exception as exc:  # this worker may not send it now: the others go
+                outcomes.append(exc)
+                continue
+            outcomes.append(Payload([], []))  # a placeholder, replaced below
+            going.append(task)
+        if not going:
+            return outcomes
+        try:
+            answer = self.exchange(going)
+        except BgswapError as err:  # no answer: each submit in it is as unsure as this one
+            return [copy.copy(err) if isinstance(o, Payload) else o for o in outcomes]
+        judged = iter([self._judge_one(answer, task, len(going)) for task in going])
+        return [next(judged) if isinstance(o, Payload) else o for o in outcomes]
+
+    @staticmethod
+    def _judge_one(answer: Answer, task: dict[str, Any], shared: int) -> Payload | Exception:
+        mine = answer_for(answer, str(task["taskUUID"]))
+        if (
+            shared > 1
+            and 400 <= answer.status < 500
+            and not (mine.payload.data or mine.payload.errors)
+        ):
+            # Refused for another task's sake, nothing said of this one: it goes again
+            # (under the same taskUUID, which Runware would refuse to run twice).
+            return ProviderUnavailable(
+                Codes.PROVIDER_UNAVAILABLE,
+                f"Runware refused a shared request (HTTP {answer.status}) without a word "
+                "on this task",
+            )
+        try:
+            return judge(mine)
+        except (BgswapError, Conflict) as err:  # this task's refusal, not the others'
+            return err
+
+
+def judge(answer: Answer) -> Payload:
+    """The answer to tasks that must be taken: their payload, or the refusal raised (a
+    5xx is ``Ambiguous``: the task may have been taken)."""
+    status, payload, retry_after = answer.status, answer.payload, answer.retry_after_s
+    if status >= 400 and not payload.errors:
+        payload = Payload(payload.data, [{"code": f"http{status}"}])
+    # At 200, errors marked `status: error` are failed generations (task outcomes, for
+    # Progress to count); unmarked ones mean the request itself was refused.
+    refused = [e for e in payload.errors if e.get("status") != "error"]
+    if status >= 400 or (refused and not payload.data):
+        first = (refused or payload.errors)[0]
+        error = classify(status, first, retry_after)
+        if status >= 500:
+            raise Ambiguous(error.code, error.message, retry_after_s=error.retry_after_s)
+        if first.get("code") == CONFLICT:
+            raise Conflict(first)
+        raise error
+    return payload
 
 
 class Conflict(Exception):
@@ -584,7 +644,10 @@ class RunwareProvider:
         # into the ambiguous path, which finds the task and polls it like an async one.
         timeout = min(self.cfg.timeout_s, SYNC_WAIT_S) if self.cfg.delivery == "sync" else None
         try:
-            payload = self.client.post([task], timeout_s=timeout)
+            if timeout is None:
+                payload = self.client.submit(task, ctx.guard)
+            else:  # a sync submit waits for its generation: alone
+                payload = self.client.post([task], timeout_s=timeout)
         except ProviderUnavailable as err:
             if err.code == Codes.PROVIDER_RATE_LIMITED and ctx.limits is not None:
                 ctx.limits.slow_down()  # Runware says too fast: every worker slows down
