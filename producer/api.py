@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import health, preflight, runner
 from producer.batch import check_batch_id, estimate, new_batch_id, output_root
-from producer.hooks import hooks_router
+from producer.hooks import completions_router, hooks_router
 from producer.infra import INFRA_ERRORS
 from producer.manifest import RowDefaults, RowOutcome, detect_format, read_manifest
 from producer.summary import StatusReader, batch_fields
@@ -554,6 +554,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     if settings.hook_secret or settings.shopify_webhook_secret:  # else no such routes (404)
         app.include_router(hooks_router(settings, hook_submit(api), client=api.redis))
+    if settings.provider_webhook_secret is not None:
+        app.include_router(completions_router(settings, api.redis))
     return app
 
 

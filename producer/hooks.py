@@ -7,6 +7,9 @@
     POST /v1/hooks/generic   any sender: X-Bgswap-Signature (BGSWAP_HOOK_SECRET), within
                              300 s of our clock, each signature once; the body is a
                              POST /v1/batches body.
+    POST /v1/hooks/completions/{provider}/{batch_id}/{index}?token=
+                             a provider's completion webhook for one row (its token:
+                             BGSWAP_PROVIDER_WEBHOOK_SECRET): the workers poll the row now.
 
 The router only verifies and translates: ``submit(body, idempotency_key)`` is the API's
 own batch creation, returning ``(status_code, json)``, passed in by whoever mounts it.
@@ -28,6 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from producer.shopify import TOPICS, MappingError, PayloadError, batch_body, load_mapping
+from worker import completions
 from worker.settings import Settings
 from worker.signing import HEADER, TOLERANCE_S, SignatureError, verify, verify_shopify
 
@@ -195,5 +199,35 @@ def hooks_router(
     async def generic(request: Request) -> JSONResponse:
         raw = await request.body()
         return await run_in_threadpool(hooks.generic, raw, dict(request.headers))
+
+    return router
+
+
+def completions_router(settings: Settings, client: redis.Redis) -> APIRouter:
+    """``POST /v1/hooks/completions/{provider}/{batch_id}/{index}?token=``: a provider's
+    completion webhook (worker/completions.py). A good token publishes the row to the
+    workers, which poll it at once; the body is never read (the poll asks the provider)."""
+    assert settings.provider_webhook_secret is not None
+    secret = settings.provider_webhook_secret.get_secret_value()
+    router = APIRouter()
+
+    @router.post(
+        "/v1/hooks/completions/{provider}/{batch_id}/{index}",
+        responses={
+            401: {"description": "no such row's token"},
+            404: {"description": "no such provider"},
+        },
+    )
+    async def completion(provider: str, batch_id: str, index: int, token: str = "") -> JSONResponse:
+        if provider not in completions.PROVIDERS:
+            return error(404, "not_found", f"no completion webhooks for {provider!r}")
+        if not token or not completions.verify(secret, provider, batch_id, index, token):
+            return error(401, "unauthorized", "bad token for this row")
+        try:
+            await run_in_threadpool(completions.announce, client, batch_id, index)
+        except redis.RedisError:
+            # The provider calls again later; the row's own polls find it meanwhile.
+            return error(503, "unavailable", "Redis is not answering")
+        return JSONResponse({"ok": True})
 
     return router

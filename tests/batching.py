@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis as redis_lib
+from conftest import free_port
 
 from examples.make_examples import product_shot
 from producer import runner
@@ -128,3 +131,29 @@ def kill_mid_wait_and_resume(
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
+
+
+@contextmanager
+def serving(env: dict[str, str], log: Path) -> Iterator[str]:
+    """A `bgswap serve` process on a free port -> its base URL; stopped on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "bgswap"), "serve", "--port", str(port)], cwd=log.parent, env=env,
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "bgswap serve did not start"
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

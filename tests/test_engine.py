@@ -44,10 +44,10 @@ def make_deps(redis_url: str, fake: FakeRunware, **overrides: object) -> Deps:
     return build_deps(settings, lambda batch_id: None)
 
 
-def submit(deps: Deps, rows: int, url: str, out: Path, bid: str) -> None:
+def submit(deps: Deps, rows: int, url: str, out: Path, bid: str, provider: str = "runware") -> None:
     settings = deps.settings
     submitter = Submitter(deps.store, lambda msgs: None, lambda name: get_provider(name, settings))
-    defaults = RowDefaults(provider="runware", available_providers=frozenset({"runware"}),
+    defaults = RowDefaults(provider=provider, available_providers=frozenset({provider}),
                            base_dir=out, allow_private_urls=True)  # fmt: skip
     csv = "id,image,prompt\n" + "".join(f"r{i},{url},p\n" for i in range(rows))
     options = SubmitOptions(batch_id=bid, output=output_root(str(out)), defaults=defaults)

@@ -112,8 +112,7 @@ def test_the_rate_limit_spaces_submissions_across_the_fleet(
         other = build_deps(settings, lambda bid: None)
         limits = other.limits("runware")
         assert limits is not None
-        with pytest.raises(Deferred):
-            limits.admit("someone-else")
+        assert isinstance(limits.admit("someone-else"), Deferred)
 
 
 def test_a_429_slows_the_account_down(redis_client: redis_lib.Redis, redis_url: str) -> None:

@@ -21,6 +21,7 @@ from servers.files import FileServer
 from servers.runware import FakeRunware
 from servers.s3 import moto_s3, use_dummy_aws_env
 from worker.errors import (
+    Ambiguous,
     BgswapError,
     Codes,
     ImageRejected,
@@ -32,7 +33,7 @@ from worker.fetch import SourceFetcher
 from worker.hold import Stale
 from worker.jobs import Job, JobSpec
 from worker.providers.base import DictMemory, ProviderContext, ProviderResult, run_to_completion
-from worker.providers.common import Ambiguous, SharedRequests
+from worker.providers.common import SharedRequests
 from worker.providers.runware import (
     Answer,
     Kind,

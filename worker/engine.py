@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from worker import logs, metrics
+from worker import completions, logs, metrics
 from worker.hold import Hold, Stale, Unsure
 from worker.jobs import Job
 from worker.pipeline import Deps, Later, LocalRows, advance, begin
@@ -68,6 +68,9 @@ class Held:
     # What its next step polls, when its provider can poll for several rows at once
     # (worker/providers/base.py: Prefetching): the engine gathers those polls.
     watch: str | None = None
+    # The sequence number of its one live timer (-1: none): a timer moved earlier (a
+    # completion webhook: ``wake``) leaves the old entry in the heap, which then does nothing.
+    timer: int = -1
 
 
 @dataclass
@@ -127,6 +130,11 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
+        self._listener = (
+            completions.Listener(deps.store.redis, self.wake).start()
+            if deps.settings.completion_webhooks
+            else None
+        )
 
     # -- taking rows --------------------------------------------------------------------
 
@@ -307,7 +315,7 @@ class Engine:
         held.retry = later.kind == "retry"
         held.watch = later.watch
         due = self.clock() + later.seconds
-        heapq.heappush(self._timers, (due, next(self._seq), key, held))
+        self._set_timer(key, held, due)
 
     def _dispatch(self, key: Key, held: Held) -> None:
         if held.cpu:
@@ -329,21 +337,36 @@ class Engine:
                 self._fire_timers(now)
                 self._cv.wait(self._next_event(now))
 
+    def _set_timer(self, key: Key, held: Held, due: float) -> None:
+        held.timer = next(self._seq)
+        heapq.heappush(self._timers, (due, held.timer, key, held))
+
+    def wake(self, batch_id: str, index: int) -> None:
+        """The row's provider says it is done (a completion webhook, worker/completions.py):
+        a row of this process waiting on its provider is polled now, not at its timer."""
+        with self._cv:
+            held = self._held.get((batch_id, index))
+            if held is not None and held.timer >= 0 and held.watch is not None:
+                self._set_timer((batch_id, index), held, self.clock())
+                self._cv.notify_all()
+
     def _fire_timers(self, now: float) -> None:
         # Polls due within GATHER_AHEAD_S go with one due now: a little early costs
         # nothing (an unfinished task is polled again), a request of its own would.
         while self._timers and self._timers[0][0] <= now + GATHER_AHEAD_S:
-            due, _, key, held = self._timers[0]
-            if self._held.get(key) is not held:
-                heapq.heappop(self._timers)
+            due, seq, key, held = self._timers[0]
+            if self._held.get(key) is not held or held.timer != seq:
+                heapq.heappop(self._timers)  # let go, or its timer was moved
             elif held.watch is not None and self._gathers(held.job.spec.provider):
                 heapq.heappop(self._timers)  # its poll goes with the others: no thread yet
+                held.timer = -1
                 self._due[held.job.spec.provider].append((key, held))
                 self._cv.notify_all()
             elif due > now:
                 return
             elif self._busy < self.threads:
                 heapq.heappop(self._timers)
+                held.timer = -1
                 self._dispatch(key, held)
             else:
                 return
@@ -383,7 +406,7 @@ class Engine:
                 for key, held in due:
                     if self._held.get(key) is held:
                         held.watch = None
-                        heapq.heappush(self._timers, (now, next(self._seq), key, held))
+                        self._set_timer(key, held, now)
                 self._cv.notify_all()
 
     def _move(self, gate: Gate, now: float) -> None:
@@ -461,6 +484,8 @@ class Engine:
             if self.deps.local is not None:
                 self.deps.local.clear()
         self._stopped.set()
+        if self._listener is not None:
+            self._listener.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         handed = 0

@@ -5,6 +5,9 @@
     │   ├── SourceUnavailable        source fetch: 5xx, timeout, reset
     │   ├── StorageUnavailable       upload: 5xx, SlowDown, timeout, reset
     │   └── ProviderUnavailable      provider: 408/429/5xx, timeout
+    ├── Ambiguous                    a paid request that may or may not have been taken:
+    │                                never retried as it is; its provider finds out first
+    │                                (Runware: getResponse) or fails the row unknown (fal)
     └── PermanentError               the same input will fail again: fail the row now
         ├── InvalidInput             a manifest field is wrong (carries line and column)
         ├── SourceRejected           source missing, too large, private address, 4xx
@@ -68,6 +71,13 @@ def _rebuild(cls: type[BgswapError], args: tuple[Any, ...], state: dict[str, Any
 
 class RetryableError(BgswapError):
     retryable: ClassVar[bool] = True
+
+
+class Ambiguous(BgswapError):
+    """A paid request whose outcome is unknown (a timeout or a dropped connection after
+    sending, a 5xx, an unreadable 2xx): it may have been accepted and billed. Not a
+    retryable error: sent again as it is, it could be paid twice, so the provider that
+    sent it decides what it becomes (worker/providers/common.py: send)."""
 
 
 class PermanentError(BgswapError):

@@ -13,7 +13,8 @@ state, so the limits hold for the whole fleet:
 - a 429 from the provider ``slow_down()``s the account for a while; an auth or credit
   error ``trip()``s its circuit for every batch.
 
-When the row may not go yet, ``admit`` raises ``Deferred`` with the wait: the engine
+When the row may not go yet, ``admit`` returns a ``Deferred`` with the wait (not an
+error: the provider's step returns it as it is, worker/providers/base.py): the engine
 puts the row in its provider's admission line for that long, without counting an
 attempt, and no thread or message waits meanwhile.
 """
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from worker import metrics
-from worker.errors import Codes, ProviderAccountError, ProviderUnavailable, RetryableError
+from worker.errors import Codes, ProviderAccountError, ProviderUnavailable
 from worker.ratelimit import CircuitBreaker, Rate, RateLimiter, Semaphore, limit_key, parse_rate
 from worker.ratelimit.backends.redis import (
     DEFAULT_PREFIX,
@@ -57,16 +58,17 @@ MAX_WAITING_TRACKED = 10_000
 CIRCUIT_S = 300.0  # an auth/credit error closes the account for 5 minutes, for everyone
 
 
-class Deferred(RetryableError):
-    """Not now: come back in ``retry_after_s``. Not an error of the row: no attempt counts.
+@dataclass(frozen=True)
+class Deferred:
+    """Not now: come back in ``wait_s``. Not an error of the row: no attempt counts.
 
     ``exact``: the wait is known (the rate limiter names the instant the next token is
     free), so it is kept to the millisecond; else it is a guess (a slot frees when some
     other row ends) and callers spread it to avoid a herd."""
 
-    def __init__(self, wait_s: float, why: str, *, exact: bool = False) -> None:
-        super().__init__(Codes.PROVIDER_RATE_LIMITED, why, retry_after_s=wait_s)
-        self.exact = exact
+    wait_s: float
+    why: str
+    exact: bool = False
 
 
 class BackgroundLoop:
@@ -134,7 +136,8 @@ class ProviderLimits:
             self._circuit = (time.monotonic(), reason)
         return reason
 
-    def admit(self, row: str) -> None:
+    def admit(self, row: str) -> Deferred | None:
+        """None: the row may send its paid request now (it holds a slot)."""
         reason = self._circuit_reason()
         if reason is not None:
             raise ProviderAccountError(Codes.PROVIDER_HALTED, f"circuit open: {reason}")
@@ -142,15 +145,16 @@ class ProviderLimits:
             got = self.backends.slots.try_acquire(self.key, row, self.max_in_flight, LEASE_S)
             if not self.loop.run(got):
                 self._refused(row, "slots")
-                raise Deferred(SLOT_RETRY_S, f"{self.max_in_flight} requests already in flight")
+                return Deferred(SLOT_RETRY_S, f"{self.max_in_flight} requests already in flight")
         if self.rate is not None:
             wait = self.loop.run(self.backends.rates.acquire(self.key, self.rate, RATE_BURST))
             if wait > 0:
                 self.release(row)  # no slot held while waiting for a token
                 self._refused(row, "rate")
                 why = f"rate limit {self.rate.count}/{self.rate.period_s:g}s"
-                raise Deferred(wait, why, exact=True)
+                return Deferred(wait, why, exact=True)
         self._admitted(row)
+        return None
 
     def keep(self, row: str) -> None:
         if self.max_in_flight is not None:
@@ -177,8 +181,8 @@ class RowLimits:
     limits: ProviderLimits
     row: str
 
-    def admit(self) -> None:
-        self.limits.admit(self.row)
+    def admit(self) -> Deferred | None:
+        return self.limits.admit(self.row)
 
     def keep(self) -> None:
         self.limits.keep(self.row)

@@ -28,10 +28,14 @@ from urllib.parse import urlsplit
 from worker.errors import redact_url
 
 _URL_WITH_SECRETS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]*(?:@|\?)[^\s'\"]*", re.I)
+# A query's token wherever a path is logged (uvicorn's access log: the completion webhooks'
+# per-row tokens, worker/completions.py).
+_TOKEN_PARAM = re.compile(r"([?&]token=)[^\s&'\"]+")
 # Environment variables whose values are secrets, and those holding URLs with passwords.
 SECRET_VARIABLES = (
     "RUNWARE_API_KEY", "FAL_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "BGSWAP_HOOK_SECRET", "BGSWAP_CALLBACK_SECRET", "BGSWAP_SHOPIFY_WEBHOOK_SECRET",
+    "BGSWAP_PROVIDER_WEBHOOK_SECRET",
     "REDIS_PASSWORD",  # deploy/k8s builds the broker URL from it
 )  # fmt: skip
 URL_VARIABLES = ("BGSWAP_BROKER_URL", "BGSWAP_REDIS_URL")
@@ -81,6 +85,7 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         text = _URL_WITH_SECRETS.sub(lambda m: redact_url(m.group(0)), text)
+        text = _TOKEN_PARAM.sub(r"\1***", text)
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text

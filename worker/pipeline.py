@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import redis
 
-from worker import callbacks, metrics
+from worker import callbacks, completions, metrics
 from worker.errors import (
     BgswapError,
     Codes,
@@ -215,7 +215,7 @@ class BatchFlags:
             self._seen.pop(batch_id, None)
 
 
-def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
+def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait | Deferred:
     """One step of the provider; when it is done, store every output and return the
     row's success record, else how long the row should wait. A row whose work is in the
     output location's index already returns its ``skipped`` record instead."""
@@ -243,6 +243,7 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
         guard=hold.guard,
         expected=deps.timings.expected(provider.name, job.spec.rendering_speed),
         generated=lambda seen, estimate: _generated(deps, provider.name, job.spec, seen, estimate),
+        webhook=completions.webhook_url(deps.settings, provider.name, job.batch_id, job.index),
     )
     try:
         outcome = provider.step(job, ctx)
@@ -251,7 +252,7 @@ def process_item(job: Job, deps: Deps, hold: Hold) -> dict[str, Any] | Wait:
         if limits is not None and err.code != Codes.PROVIDER_HALTED:
             limits.trip(err.message)  # every batch on this account stops too
         raise
-    if isinstance(outcome, Wait):
+    if isinstance(outcome, Wait | Deferred):
         return outcome
     hold.guard()
     sent_at = hold.clock()
@@ -390,6 +391,8 @@ def advance(job: Job, deps: Deps, attempt: int, hold: Hold) -> Later | None:
         return None
     if isinstance(record, Wait):
         return Later(record.seconds, "wait", record.watch)
+    if isinstance(record, Deferred):
+        return admission(record, deps.rand)
     _finish(job, deps, record, hold)
     return None
 
@@ -415,15 +418,17 @@ def handle_delivery(batch_id: str, index: int, deps: Deps) -> float | None:
     return min(later.seconds, deps.settings.visibility_timeout_s / 2)
 
 
+def admission(deferred: Deferred, rand: Callable[[], float]) -> Later:
+    """Waiting for a rate token or a slot is not an attempt: nothing was tried. A token's
+    time is exact (a late probe wastes it); a slot's is a guess: spread the herd."""
+    wait = deferred.wait_s or 1.0
+    if not deferred.exact:
+        wait *= 1.0 + 0.2 * rand()
+    return Later(wait, "admission")
+
+
 def _on_error(job: Job, deps: Deps, err: BgswapError, attempt: int, hold: Hold) -> Later | None:
     s = deps.settings
-    if isinstance(err, Deferred):
-        # Waiting for a rate token or a slot is not an attempt: nothing was tried. A token's
-        # time is exact (a late probe wastes it); a slot's is a guess: spread the herd.
-        wait = err.retry_after_s or 1.0
-        if not err.exact:
-            wait *= 1.0 + 0.2 * deps.rand()
-        return Later(wait, "admission")
     delay = retry_delay(
         err,
         attempt,

@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     callback_retry_base_s: float = Field(default=10.0, gt=0)
     callback_retry_cap_s: float = Field(default=3600.0, gt=0)
     callback_deadline_s: float = Field(default=86_400.0, gt=0)
+    # Completion webhooks from the providers (worker/completions.py): where `bgswap serve`
+    # is reachable from the internet, and the secret its per-row URLs are signed with.
+    # Both set: every paid row asks its provider to call back when it is done.
+    public_url: str | None = None
+    provider_webhook_secret: SecretStr | None = None
 
     # Operations (deploy/README.md): Prometheus metrics on this port (workers and the
     # API, each process's own listener; unset: none), the address it binds, and the
@@ -170,6 +175,23 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL, not {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must have no query, fragment or credentials")
+        return value.rstrip("/")
+
+    @property
+    def completion_webhooks(self) -> bool:
+        """Do paid rows ask their provider for a completion webhook?"""
+        return self.public_url is not None and self.provider_webhook_secret is not None
 
     @field_validator("output_prefixes")
     @classmethod

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from worker.jobs import Job, JobSpec
-from worker.limits import RowLimits
+from worker.limits import Deferred, RowLimits
 from worker.providers.timing import Expected
 from worker.storage import Storage, StoredObject
 
@@ -104,6 +104,9 @@ class ProviderContext:
     # acceptance to the result seen, and the estimate of when it was ready.
     expected: Expected | None = None
     generated: Callable[[float, float], None] = lambda seen, estimate: None
+    # The row's completion webhook URL, to name in its submit (worker/completions.py);
+    # None: the webhooks are off. A row that asked for one polls on the backoff only.
+    webhook: str | None = None
 
 
 class Provider(Protocol):
@@ -117,9 +120,11 @@ class Provider(Protocol):
         """USD this row will cost, for `validate` and `--max-cost`; 0 for free providers."""
         ...
 
-    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
-        """Advance one row by one short step (a submit, or one poll): its results, or
-        how long to wait before the next step. Raises a worker.errors.BgswapError."""
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
+        """Advance one row by one short step (a submit, or one poll): its results, how
+        long to wait before the next step, or (``Deferred``, from ``ctx.limits``) how long
+        until the account's limits may let its paid request go. Raises a
+        worker.errors.BgswapError."""
         ...
 
 
@@ -139,4 +144,4 @@ def run_to_completion(provider: Provider, job: Job, ctx: ProviderContext) -> Pro
         outcome = provider.step(job, ctx)
         if isinstance(outcome, ProviderResult):
             return outcome
-        ctx.sleep(outcome.seconds)
+        ctx.sleep(outcome.wait_s if isinstance(outcome, Deferred) else outcome.seconds)

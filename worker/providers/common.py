@@ -23,15 +23,10 @@ import httpx
 from PIL import Image
 
 from worker import metrics
-from worker.errors import BgswapError, Codes, ImageRejected, ProviderUnavailable
+from worker.errors import Ambiguous, BgswapError, Codes, ImageRejected, ProviderUnavailable
 from worker.fetch import reference_scheme
 from worker.imaging import check_image
 from worker.providers.base import Memory, ProviderContext
-
-
-class Ambiguous(ProviderUnavailable):
-    """The request may or may not have been accepted (and paid for)."""
-
 
 T = TypeVar("T")
 
@@ -128,10 +123,12 @@ def send(
     http: httpx.Client, method: str, url: str, *, provider: str, kind: str, **kwargs: Any
 ) -> httpx.Response:
     """One HTTP call, counted in the metrics as ``kind`` (submit, poll, upload, download);
-    transport failures mapped by whether the request can have landed."""
+    transport failures mapped by whether the request can have landed: for a ``submit``
+    (paid) ``Ambiguous`` unless it surely did not; for the others, free to repeat, a
+    retryable ``ProviderUnavailable`` either way."""
     started = time.monotonic()
     try:
-        response = _request(http, method, url, provider, **kwargs)
+        response = _request(http, method, url, provider, kind == "submit", **kwargs)
     except BgswapError:
         metrics.request_done(provider, kind, None, time.monotonic() - started)
         raise
@@ -140,12 +137,12 @@ def send(
 
 
 def _request(
-    http: httpx.Client, method: str, url: str, provider: str, **kwargs: Any
+    http: httpx.Client, method: str, url: str, provider: str, paid: bool, **kwargs: Any
 ) -> httpx.Response:
     try:
         return http.request(method, url, **kwargs)
     except httpx.TransportError as exc:
-        raise transport_error(exc, provider) from exc
+        raise transport_error(exc, provider, paid) from exc
 
 
 async def asend(
@@ -157,23 +154,36 @@ async def asend(
         response = await http.request(method, url, **kwargs)
     except httpx.TransportError as exc:
         metrics.request_done(provider, kind, None, time.monotonic() - started)
-        raise transport_error(exc, provider) from exc
+        raise transport_error(exc, provider, kind == "submit") from exc
     metrics.request_done(provider, kind, response.status_code, time.monotonic() - started)
     return response
 
 
-def transport_error(exc: httpx.TransportError, provider: str) -> ProviderUnavailable:
-    """A request that got no answer: surely not sent (safe to send again) or maybe sent."""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        # Nothing reached the provider: sending again is safe.
+def transport_error(
+    exc: httpx.TransportError, provider: str, paid: bool
+) -> ProviderUnavailable | Ambiguous:
+    """A request that got no answer: surely not sent (safe to send again) or maybe sent
+    (``Ambiguous`` when it was ``paid``)."""
+    if not paid or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        # Nothing reached the provider, or it costs nothing: sending again is safe.
+        timed_out = isinstance(exc, httpx.TimeoutException) and not isinstance(
+            exc, httpx.ConnectTimeout
+        )
+        code = Codes.PROVIDER_TIMEOUT if timed_out else None
         return ProviderUnavailable(
-            Codes.PROVIDER_UNAVAILABLE, f"{provider}: cannot connect ({type(exc).__name__})"
+            code or Codes.PROVIDER_UNAVAILABLE, transport_message(exc, provider)
         )
     if isinstance(exc, httpx.TimeoutException):
-        return Ambiguous(Codes.PROVIDER_TIMEOUT, f"{provider} did not answer in time")
-    return Ambiguous(
-        Codes.PROVIDER_UNAVAILABLE, f"{provider}: connection failed ({type(exc).__name__})"
-    )
+        return Ambiguous(Codes.PROVIDER_TIMEOUT, transport_message(exc, provider))
+    return Ambiguous(Codes.PROVIDER_UNAVAILABLE, transport_message(exc, provider))
+
+
+def transport_message(exc: httpx.TransportError, provider: str) -> str:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return f"{provider}: cannot connect ({type(exc).__name__})"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{provider} did not answer in time"
+    return f"{provider}: connection failed ({type(exc).__name__})"
 
 
 def remember(memory: dict[str, Any], store: Memory, **values: Any) -> None:

@@ -47,6 +47,7 @@ from PIL import Image
 
 from worker import logs, metrics
 from worker.errors import (
+    Ambiguous,
     BgswapError,
     Codes,
     ProviderAccountError,
@@ -56,9 +57,9 @@ from worker.errors import (
 from worker.fetch import parse_retry_after
 from worker.imaging import decode_image, encode_image
 from worker.jobs import CONTENT_TYPES, EXTENSIONS, ColorPalette, Job, JobSpec
+from worker.limits import Deferred
 from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
 from worker.providers.common import (
-    Ambiguous,
     Prefetched,
     asend,
     image_info,
@@ -332,12 +333,14 @@ class FalProvider:
 
         await asyncio.gather(*(status(url) for url in urls if same_origin(url, self.cfg.queue_url)))
 
-    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
         """Submit (once) or poll (once); then the results, or how long to wait."""
         memory = ctx.memory.load()
         try:
             if "request_id" not in memory:
-                self._submit(job, memory, ctx)
+                deferred = self._submit(job, memory, ctx)
+                if deferred is not None:
+                    return deferred
             else:
                 logs.bind(provider_task_id=memory["request_id"])
                 stop_if_canceled(ctx, f"fal request {memory['request_id']}")
@@ -351,7 +354,9 @@ class FalProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"fal request {memory['request_id']}",
-            expected=ctx.expected, watch=memory.get("status_url"),
+            # With a completion webhook its call is the signal (worker/completions.py),
+            # the backoff only the fallback.
+            expected=None if ctx.webhook else ctx.expected, watch=memory.get("status_url"),
         )  # fmt: skip
 
     def cancel(self, memory: dict[str, Any]) -> bool:
@@ -364,7 +369,7 @@ class FalProvider:
 
     # submission ------------------------------------------------------------------------
 
-    def _submit(self, job: Job, memory: dict[str, Any], ctx: ProviderContext) -> None:
+    def _submit(self, job: Job, memory: dict[str, Any], ctx: ProviderContext) -> Deferred | None:
         auth = self._auth  # no key: fail (and halt) before anything else
         if memory.get("submitting") and not self.cfg.resubmit_unknown:
             raise _unknown("an earlier attempt stopped after sending its submit")
@@ -378,8 +383,9 @@ class FalProvider:
             ]
             or None,
         )
-        if ctx.limits is not None:
-            ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        deferred = ctx.limits.admit() if ctx.limits is not None else None
+        if deferred is not None:  # the account's rate or in-flight cap: not now
+            return deferred
         # The intent, saved under this worker's hold (worker/hold.py) before anything is
         # sent: a worker that takes the row over finds it and does not submit again.
         remember(memory, ctx.memory, submitting=True)
@@ -389,7 +395,7 @@ class FalProvider:
             response = send(
                 self.http, "POST", f"{self.cfg.queue_url}/{ENDPOINT}", provider="fal",
                 kind="submit", json=body, headers={**auth, **submit_headers(self.cfg)},
-                timeout=timeout,
+                timeout=timeout, params={"fal_webhook": ctx.webhook} if ctx.webhook else None,
             )  # fmt: skip
         except Ambiguous as err:
             raise self._after_unknown(err, memory, ctx) from err
@@ -403,6 +409,7 @@ class FalProvider:
         remember(memory, ctx.memory, submitting=False, accepted_at=time.time(), **ids)
         logs.bind(provider_task_id=ids["request_id"])
         log.info("row %s: fal request %s queued", job.job_id, ids["request_id"])
+        return None
 
     def _read_submit(
         self, response: httpx.Response, memory: dict[str, Any], ctx: ProviderContext
@@ -457,7 +464,8 @@ class FalProvider:
         self, err: Ambiguous, memory: dict[str, Any], ctx: ProviderContext
     ) -> BgswapError:
         if self.cfg.resubmit_unknown:
-            return err  # retried: the operator accepted the risk of paying twice
+            # Retried: the operator accepted the risk of paying twice.
+            return ProviderUnavailable(err.code, err.message, retry_after_s=err.retry_after_s)
         return _unknown(err.message)
 
     def _reference(
@@ -482,9 +490,6 @@ class FalProvider:
                 self.http, "PUT", str(answer["upload_url"]), provider="fal storage", kind="upload",
                 content=data, headers={"Content-Type": mime},
             )  # fmt: skip
-        except Ambiguous as err:
-            # Uploads are free: one that did land costs nothing to repeat.
-            raise ProviderUnavailable(err.code, err.message) from err
         except (ValueError, KeyError, TypeError) as exc:
             raise ProviderUnavailable(
                 Codes.PROVIDER_BAD_RESPONSE, "fal storage answer was unreadable"
@@ -558,11 +563,9 @@ class FalProvider:
         return _unknown(why)
 
     def _result(self, memory: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = send(self.http, "GET", memory["response_url"], provider="fal", kind="poll",
-                            headers=self._auth)  # fmt: skip
-        except Ambiguous as err:
-            raise ProviderUnavailable(err.code, err.message) from err  # reads are free
+        # A read: a timeout is only retryable (worker/providers/common.py: send).
+        response = send(self.http, "GET", memory["response_url"], provider="fal", kind="poll",
+                        headers=self._auth)  # fmt: skip
         if response.status_code == 404:
             raise ProviderRejected(
                 Codes.PROVIDER_RESULT_EXPIRED,

@@ -38,6 +38,7 @@ from PIL import Image
 
 from worker import logs, metrics
 from worker.errors import (
+    Ambiguous,
     BgswapError,
     Codes,
     ProviderAccountError,
@@ -46,9 +47,9 @@ from worker.errors import (
 )
 from worker.fetch import parse_retry_after, reference_scheme
 from worker.jobs import CONTENT_TYPES, EXTENSIONS, Job, JobSpec
+from worker.limits import Deferred
 from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
 from worker.providers.common import (
-    Ambiguous,
     Prefetched,
     Rule,
     SharedRequests,
@@ -214,6 +215,7 @@ def inference_task(
     style_references: list[str] | None,
     cfg: RunwareConfig,
     upload_endpoint: str | None = None,
+    webhook_url: str | None = None,
 ) -> dict[str, Any]:
     """The imageInference task for one row. Nothing 4@5 rejects is ever sent:
     no width, height, seed, negativePrompt or top-level seedImage."""
@@ -238,8 +240,8 @@ def inference_task(
         task["ttl"] = cfg.ttl_s
     if cfg.check_content:
         task["safety"] = {"checkContent": True}
-    if cfg.webhook_url:
-        task["webhookURL"] = cfg.webhook_url
+    if cfg.webhook_url or webhook_url:  # the operator's own URL, if set, wins
+        task["webhookURL"] = cfg.webhook_url or webhook_url
     if upload_endpoint:
         task["uploadEndpoint"] = upload_endpoint
     return task
@@ -439,8 +441,9 @@ class RunwareClient:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
             if 400 <= status < 500:  # an HTML error page: the status says enough
                 raise classify(status, {"code": f"http{status}"}, retry_after) from exc
-            # A 2xx or 5xx we cannot read may have been accepted.
-            raise Ambiguous(
+            # A 2xx or 5xx we cannot read may have been accepted (a submit's).
+            unsure = Ambiguous if request_kind(tasks) == "submit" else ProviderUnavailable
+            raise unsure(
                 Codes.PROVIDER_BAD_RESPONSE, f"Runware answered HTTP {status} without valid JSON"
             ) from exc
         return Answer(status, payload, retry_after)
@@ -567,7 +570,7 @@ class RunwareProvider:
             for task_uuid in chunk:
                 self._prefetched.put(task_uuid, answer_for(answer, task_uuid))
 
-    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+    def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
         try:
             return self._step(job, ctx)
         except GenerationFailed:
@@ -576,7 +579,7 @@ class RunwareProvider:
             ctx.memory.save({"uploads": memory.get("uploads", {})})
             raise
 
-    def _step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait:
+    def _step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
         """Submit (once) or poll (once); then the results, or how long to wait."""
         self.client  # noqa: B018 - fails fast (and halts the batch) without a key
         memory = ctx.memory.load()
@@ -586,11 +589,15 @@ class RunwareProvider:
         logs.bind(provider_task_id=task_uuid)
         direct = self._direct_destination(job, ctx)
         polled = bool(memory.get("accepted"))  # else the slot was just taken: no keep
+        progress: Progress | None
         if polled:
             stop_if_canceled(ctx, f"Runware task {task_uuid}")
             progress = self._poll(task_uuid)
         else:
-            progress = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
+            submitted = self._submit(self._task(job, task_uuid, direct, memory, ctx), memory, ctx)
+            if isinstance(submitted, Deferred):
+                return submitted
+            progress = submitted
         if progress is not None and progress.done(job.spec.num_results):
             if polled:  # a sync answer's time is the request's, not a poll schedule's
                 generated(ctx, memory.get("accepted_at"), memory)
@@ -601,7 +608,10 @@ class RunwareProvider:
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"Runware task {task_uuid}",
-            expected=ctx.expected, watch=task_uuid,
+            # With our completion webhook, the close polls are not needed: its call is the
+            # signal (worker/completions.py), the backoff only the fallback.
+            expected=None if ctx.webhook and not self.cfg.webhook_url else ctx.expected,
+            watch=task_uuid,
         )  # fmt: skip
 
     def _task(
@@ -621,20 +631,22 @@ class RunwareProvider:
             upload_endpoint=ctx.storage.presign_put(direct, None)
             if direct and ctx.storage
             else None,
+            webhook_url=ctx.webhook,
         )
 
     # submission ---------------------------------------------------------------
 
     def _submit(
         self, task: dict[str, Any], memory: dict[str, Any], ctx: ProviderContext
-    ) -> Progress:
+    ) -> Progress | Deferred:
         task_uuid = task["taskUUID"]
         if memory.get("accepted"):
             return Progress()
         if memory.get("attempted") and self._known(task_uuid) is not None:
             return self._accepted(memory, ctx, Progress())
-        if ctx.limits is not None:
-            ctx.limits.admit()  # global rate and in-flight cap; Deferred when not now
+        deferred = ctx.limits.admit() if ctx.limits is not None else None
+        if deferred is not None:  # the account's rate or in-flight cap: not now
+            return deferred
         # The intent, saved under this worker's hold (worker/hold.py) before anything is
         # sent: a worker that takes the row over asks getResponse about this uuid first.
         memory["attempted"] = True
@@ -648,12 +660,12 @@ class RunwareProvider:
                 payload = self.client.submit(task, ctx.guard)
             else:  # a sync submit waits for its generation: alone
                 payload = self.client.post([task], timeout_s=timeout)
+        except Ambiguous as err:
+            return self._resolve(task_uuid, memory, ctx, err)
         except ProviderUnavailable as err:
             if err.code == Codes.PROVIDER_RATE_LIMITED and ctx.limits is not None:
                 ctx.limits.slow_down()  # Runware says too fast: every worker slows down
-            if not isinstance(err, Ambiguous):
-                raise
-            return self._resolve(task_uuid, memory, ctx, err)
+            raise
         except Conflict:
             log.info("task %s was already accepted: polling it", task_uuid)
             return self._accepted(memory, ctx, Progress())
@@ -667,7 +679,9 @@ class RunwareProvider:
         """Maybe accepted, maybe not: ask before anything is sent again."""
         known = self._known(task_uuid)
         if known is None:
-            raise err
+            # Runware never took it: the retry may send it (the same taskUUID, which
+            # Runware would refuse to run a second time).
+            raise ProviderUnavailable(err.code, err.message, retry_after_s=err.retry_after_s)
         return self._accepted(memory, ctx, known)
 
     def _accepted(
