@@ -32,9 +32,9 @@ task (the poll comes 0.125 s late on average, then the submit's 120 ms), 97%.
 Also printed: rows/s from submit to the output manifest and in the steady window,
 provider requests per row (polls separately), source fetches per row, the worker's CPU
 per row and the fake's CPU, the median time from a generation's end to the poll that
-said so, and how long a slot stayed empty per task on average (from the share: the poll's
-lateness, then fetching and storing the result, finishing the row, the next row's
-admission and submit).
+said so and from there to the result's download, and how long a slot stayed empty per task
+on average (from the share: the poll's lateness and the download, then storing the
+result, finishing the row, the next row's admission and submit).
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class Measured:
     steady_rows_per_s: float  # acceptances per second in the window
     kinds: Counter[str]  # requests the fake answered, by kind
     late_s: float | None  # median: generation done -> the poll that said so
+    fetch_s: float | None  # median: that poll -> the result downloaded
     idle_s: float  # per task in the window: the slot's time without a generation
     cpu_s: float | None  # the worker's
     fake_cpu_s: float
@@ -158,11 +159,12 @@ def measure(
     if twice or len(prompts) != rows:
         raise RuntimeError(f"{len(prompts)} rows paid for {rows}; paid twice: {twice[:3]}")
     tasks = stats["tasks"]
-    intervals = [(a, b) for a, b, _ in tasks]
+    intervals = [(a, b) for a, b, *_ in tasks]
     start, end = steady_window(intervals, cap)
     share = busy_share(intervals, cap, start, end)
     in_window = sum(start <= a < end for a, _ in intervals)
-    late = [seen - b for _, b, seen in tasks if seen is not None]
+    late = [seen - b for _, b, seen, _ in tasks if seen is not None]
+    fetch = [got - seen for _, _, seen, got in tasks if seen is not None and got is not None]
     return Measured(
         share=share,
         window=(start, end),
@@ -170,6 +172,7 @@ def measure(
         steady_rows_per_s=in_window / (end - start),
         kinds=Counter(stats["kinds"]),
         late_s=statistics.median(late) if late else None,
+        fetch_s=statistics.median(fetch) if fetch else None,
         idle_s=(1 - share) * cap * (end - start) / max(1, in_window),
         cpu_s=cpu,
         fake_cpu_s=stats["cpu_s"] - fake_cpu0,
@@ -361,6 +364,7 @@ def cap_of(provider: str) -> int:
 def describe(m: Measured, rows: int) -> str:
     requests = sum(n for kind, n in m.kinds.items() if kind != "source")
     late = f"{m.late_s:.2f} s" if m.late_s is not None else "n/a"
+    fetch = f"{m.fetch_s:.2f} s" if m.fetch_s is not None else "n/a"
     parts = [
         f"window {m.window[1] - m.window[0]:.0f} s",
         f"{m.rows_per_s:.2f} rows/s end to end, {m.steady_rows_per_s:.2f} steady",
@@ -368,7 +372,7 @@ def describe(m: Measured, rows: int) -> str:
         + ", ".join(f"{k} {m.kinds[k] / rows:.2f}" for k in sorted(m.kinds) if k != "source")
         + ")",
         f"{m.kinds['source'] / rows:.2f} source fetches/row",
-        f"result seen {late} after it was done (median)",
+        f"result seen {late} after it was done and downloaded {fetch} after that (medians)",
         f"a slot empty {m.idle_s:.2f} s per task",
     ]
     if m.cpu_s is not None:

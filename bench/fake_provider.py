@@ -44,6 +44,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -170,6 +171,7 @@ def serve(  # noqa: C901
             self.calls = 0
             self.kinds: Counter[str] = Counter()
             self.seen: dict[str, float] = {}  # task -> when a poll first answered it done
+            self.fetched: dict[str, float] = {}  # result path -> when it was first served
 
         def handle(self, handler: Any, raw: bytes) -> None:
             if request_delay_s and handler.path.split("?")[0] != "/bench/stats":
@@ -190,7 +192,11 @@ def serve(  # noqa: C901
                 # The base class keeps every request (bodies included) for the tests;
                 # a benchmark only needs the count, and 5 MB seeds would pile up.
                 self.requests.clear()  # type: ignore[attr-defined]
-            return super().dispatch(call, raw)  # type: ignore[misc,no-any-return]
+            reply: Reply = super().dispatch(call, raw)  # type: ignore[misc]
+            if reply.status == 200 and call.method == "GET":
+                with self.lock:  # type: ignore[attr-defined]
+                    self.fetched.setdefault(path, time.monotonic())
+            return reply
 
         def stats(self) -> dict[str, Any]:
             usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -216,9 +222,10 @@ def serve(  # noqa: C901
             ids shows as its prompt twice."""
             raise NotImplementedError
 
-        def intervals(self) -> list[tuple[float, float, float | None]]:
+        def intervals(self) -> list[tuple[float, float, float | None, float | None]]:
             """Per task, in order of acceptance: when it started generating, when it was
-            done, when a poll first said so (None: never)."""
+            done, when a poll first said so, when its result was first downloaded (None:
+            never)."""
             raise NotImplementedError
 
     class BenchRunware(Bench, rw.FakeRunware):
@@ -241,11 +248,12 @@ def serve(  # noqa: C901
                     self.seen.setdefault(str(task["taskUUID"]), time.monotonic())
             return outcome
 
-        def intervals(self) -> list[tuple[float, float, float | None]]:
+        def intervals(self) -> list[tuple[float, float, float | None, float | None]]:
             return [
-                (job.accepted_at, job.accepted_at + job.processing_s, self.seen.get(uuid))
+                (job.accepted_at, job.accepted_at + job.processing_s, self.seen.get(uuid),
+                 self.fetched.get(f"/images/{job.results[-1].image_uuid}.{job.extension}"))
                 for uuid, job in self._jobs.items()
-            ]
+            ]  # fmt: skip
 
     class BenchFal(Bench, fal_mod.FakeFal):
         def _accept(self, *args: Any) -> Any:
@@ -266,12 +274,16 @@ def serve(  # noqa: C901
                     self.seen.setdefault(request_id, time.monotonic())
             return reply
 
-        def intervals(self) -> list[tuple[float, float, float | None]]:
+        def intervals(self) -> list[tuple[float, float, float | None, float | None]]:
             return [
-                (r.started_at, r.ends_at, self.seen.get(rid))
+                (r.started_at, r.ends_at, self.seen.get(rid), self.fetched.get(self._path(r)))
                 for rid, r in self._requests.items()
                 if r.started_at is not None
             ]
+
+        def _path(self, request: Any) -> str:
+            images = getattr(request.outcome, "images", None)
+            return urlsplit(images[-1]["url"]).path if images else ""
 
     http_mod._Server.request_queue_size = 1024  # 200 rows in flight poll at once
     fake: Any
