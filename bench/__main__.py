@@ -16,6 +16,7 @@ BENCHMARKS = (
     "bench.skip",
     "bench.api",
     "bench.autoscale",
+    "bench.account",
 )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from bench.common import AWS_DUMMY_ENV
 from bench.fake_provider import FakeProvider
 from producer import runner
 from producer.manifest import RowDefaults, read_manifest
@@ -39,10 +40,9 @@ def write_manifest(path: Path, rows: int, image_url: str) -> None:
 
 def worker_env(redis_url: str, fake: FakeProvider, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGSWAP_")}
-    env.update(
-        RUNWARE_API_KEY=fake.key, RUNWARE_API_URL=fake.url, BGSWAP_BROKER_URL=redis_url,
-        BGSWAP_ALLOW_PRIVATE_URLS="1", PYTHONPATH=str(REPO),
-    )  # fmt: skip
+    env.update(AWS_DUMMY_ENV)
+    env.update(fake.env())
+    env.update(BGSWAP_BROKER_URL=redis_url, BGSWAP_ALLOW_PRIVATE_URLS="1", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
 
@@ -163,13 +163,12 @@ def submit_and_wait(
     """`bgswap submit --wait`'s path, in process: seconds from submit to the output manifest
     written, and its lines."""
     settings = Settings(
-        broker_url=redis_url, redis_url=redis_url, runware_api_key=fake.key,
-        runware_api_url=fake.url, allow_private_urls=True,
+        broker_url=redis_url, redis_url=redis_url, allow_private_urls=True, **fake.env(),
     )  # fmt: skip
     apply_config(settings)
     store = BatchStore.from_url(redis_url)
     defaults = RowDefaults(
-        provider="runware", available_providers=frozenset({"runware", "local"}),
+        provider=fake.provider, available_providers=frozenset({fake.provider, "local"}),
         base_dir=workdir, allow_private_urls=True,
     )  # fmt: skip
     start = time.perf_counter()

@@ -60,7 +60,9 @@ runner (5xx) failures.
 
 Lifecycle, computed from timestamps under one lock: IN_QUEUE at least ``queue_s``, FIFO, at
 most ``concurrency`` requests IN_PROGRESS, then IN_PROGRESS for ``processing_s`` (longer if
-fetching the inputs takes longer), then COMPLETED. Inputs are really fetched when the request
+fetching the inputs takes longer), then COMPLETED. With ``processing_spread=f`` each request
+takes its own time instead, drawn at submit uniformly from ``processing_s * (1 +- f)`` by an
+RNG seeded with ``spread_seed``. Inputs are really fetched when the request
 starts (urllib, 5 s, no proxy): unreachable or non-2xx -> ``file_download_error``; not an
 image (PNG, JPEG, WEBP, BMP, GIF; style references PNG, JPEG, WEBP) -> ``image_load_error``;
 a side under 32 px -> ``image_too_small``; style references over 10 MB in total ->
@@ -614,6 +616,7 @@ class _Request:
     ready_at: float
     deadline: float | None
     webhook: str | None
+    processing_s: float
     invalid: _Failure | None = None  # validation="result": fails without running
     injected: _Failure | None = None  # model_error fault
     started_at: float | None = None
@@ -717,6 +720,8 @@ class FakeFal(FakeHTTPServer):
         validation: Literal["submit", "result"] = "submit",
         error_style: Literal["v2", "v1"] = "v2",
         data_uris: bool = False,
+        processing_spread: float = 0.0,
+        spread_seed: int = 0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -724,6 +729,8 @@ class FakeFal(FakeHTTPServer):
         self.key = key
         self.queue_s = queue_s
         self.processing_s = processing_s
+        self.processing_spread = processing_spread
+        self._spread_rng = random.Random(spread_seed)
         self.result_ttl_s = result_ttl_s
         self.large_result_ttl_s = large_result_ttl_s
         self.large_result_bytes = large_result_bytes
@@ -931,6 +938,7 @@ class FakeFal(FakeHTTPServer):
             ready_at=now + self.queue_s,
             deadline=now + options.timeout_s if options.timeout_s is not None else None,
             webhook=options.webhook,
+            processing_s=self._processing_s(),
         )
         if issues:
             styled = self._styled(issues)
@@ -944,6 +952,12 @@ class FakeFal(FakeHTTPServer):
         self.submitted.append(request.request_id)
         self.submissions[request.request_id] = body
         return request
+
+    def _processing_s(self) -> float:
+        if not self.processing_spread:
+            return self.processing_s
+        spread = self.processing_spread * self._spread_rng.uniform(-1.0, 1.0)
+        return self.processing_s * (1.0 + spread)
 
     def _links(self, request: _Request, base: str | None = None) -> dict[str, str]:
         response_url = f"{base or self.queue_url}/{APP}/requests/{request.request_id}"
@@ -997,7 +1011,7 @@ class FakeFal(FakeHTTPServer):
     def _start(self, request: _Request, at: float) -> None:
         self._running = [r for r in self._running if r.completed_at is None or r.completed_at > at]
         request.started_at = at
-        request.ends_at = at + self.processing_s
+        request.ends_at = at + request.processing_s
         self._running.append(request)
         self.spawn(self._process, request)
 
@@ -1161,7 +1175,7 @@ class FakeFal(FakeHTTPServer):
         events: list[tuple[float, str]] = []
         if request.started_at is not None:
             events.append((request.started_at, "Downloading input images..."))
-            events.append((request.started_at + self.processing_s / 2, "Generating image..."))
+            events.append((request.started_at + request.processing_s / 2, "Generating image..."))
         if request.completed_at is not None:
             failed = isinstance(request.outcome, _Failure)
             events.append((request.completed_at, "Request failed" if failed else "Done"))

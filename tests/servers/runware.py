@@ -32,7 +32,9 @@ not billed again).
 Acceptance = payment: ``accepted``, ``paid`` and ``accept_count()`` record it. An accepted
 task produces ``numberResults`` images (the seed image inverted and tinted per result index,
 same size, in outputFormat/outputQuality); the whole task takes ``processing_s``, result i of
-n finishing at ``start + processing_s * (i + 1) / n``. A job thread completes results in
+n finishing at ``start + processing_s * (i + 1) / n``. With ``processing_spread=f`` each task
+takes its own time instead, drawn uniformly from ``processing_s * (1 +- f)`` by an RNG seeded
+with ``spread_seed``; the job keeps it (``accepted_at``, ``processing_s``). A job thread completes results in
 order: PUT to uploadEndpoint first (so a success is only reported once its upload was tried),
 then the result becomes visible, then the webhook POST.
 
@@ -423,6 +425,8 @@ class _Job:
     check_content: bool
     sync: bool
     failure: _Failure | None = None
+    accepted_at: float = 0.0  # monotonic
+    processing_s: float = 0.0
 
     @property
     def extension(self) -> str:
@@ -482,10 +486,14 @@ class FakeRunware(FakeHTTPServer):
         error_placement: ErrorPlacement = "errors",
         upload_data_as_object: bool = False,
         upload_fails: bool = False,
+        processing_spread: float = 0.0,
+        spread_seed: int = 0,
     ) -> None:
         super().__init__()
         self.api_key = api_key
         self.processing_s = processing_s
+        self.processing_spread = processing_spread
+        self._spread_rng = random.Random(spread_seed)
         self.ack_style = ack_style
         self.error_placement = error_placement
         self.upload_data_as_object = upload_data_as_object
@@ -755,8 +763,13 @@ class FakeRunware(FakeHTTPServer):
                     code, fault.params.get("message", message), fault.params.get("status", status)
                 )
             start = time.monotonic()
+            job.accepted_at = start
+            job.processing_s = self.processing_s
+            if self.processing_spread:
+                spread = self.processing_spread * self._spread_rng.uniform(-1.0, 1.0)
+                job.processing_s = self.processing_s * (1.0 + spread)
             for result in job.results:
-                result.due = start + self.processing_s * (result.index + 1) / len(job.results)
+                result.due = start + job.processing_s * (result.index + 1) / len(job.results)
             self._jobs[job.task_uuid] = job
             self.spawn(self._run_job, job)
 
