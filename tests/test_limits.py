@@ -101,6 +101,10 @@ def test_the_rate_limit_spaces_submissions_across_the_fleet(
                             allow_private_urls=True, runware_poll_initial_s=0.05,
                             runware_rate="2/s")  # fmt: skip
         deps = build_deps(settings, lambda bid: None)
+        # Another worker process (a second Deps) shares the same limiter through Redis;
+        # built first, as building it can take longer than the half second a token lasts.
+        other = build_deps(settings, lambda bid: None)
+        limits = other.limits("runware")
         submit(deps, "runware", 3, url, tmp_path, "rate")
         refused = counted("bgswap_admission_waits_total", provider="runware", reason="rate")
         delays = deliver_all(deps, "rate", 3)
@@ -108,9 +112,6 @@ def test_the_rate_limit_spaces_submissions_across_the_fleet(
         assert len(fake.paid) == RATE_BURST == 2  # the burst goes, the third waits its token
         waits = sorted(d for d in delays if d is not None and d > 0.2)
         assert len(waits) == 1 and all(w < 1.0 for w in waits)
-        # another worker process (a second Deps) shares the same limiter through Redis
-        other = build_deps(settings, lambda bid: None)
-        limits = other.limits("runware")
         assert limits is not None
         assert isinstance(limits.admit("someone-else"), Deferred)
 
