@@ -144,6 +144,34 @@ def test_the_admission_line_keeps_the_cap_and_moves_when_slots_free(
     assert all(r.attempts == 1 for r in deps.store.records("line", 12))  # waits: no attempt
 
 
+def test_a_slot_is_free_once_the_provider_is_done_not_once_the_result_is_stored(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    # The cap counts the provider's generations: the next row goes while this one's
+    # result is still downloading (a slow CDN here), and at once, not at its next look.
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware(KEY, processing_s=0.3, download_delay_s=3.0) as fake:
+        deps = make_deps(redis_url, fake, runware_max_in_flight=1)
+        submit(deps, 2, url, tmp_path, "early")
+        engine = Engine(deps, lambda b, i: None, threads=4, max_rows=10)
+        try:
+            for index in range(2):
+                assert engine.adopt("early", index, wait_s=5)
+            wait_for(lambda: len(fake.tasks("imageInference")) == 2, 10, "the second submit")
+            assert deps.store.counts("early")["succeeded"] == 0  # row 0 is still downloading
+            with fake.lock:
+                download = next(c.at for c in fake.requests if c.path.startswith("/images/"))
+                second = [c.at for c in fake.requests if isinstance(c.body, list) and c.body
+                          and c.body[0].get("taskType") == "imageInference"][-1]  # fmt: skip
+            # Freed in row 0's step, heard by the admission line then (its own next look
+            # would come a second after the refusal, while the download takes three).
+            assert second - download < 0.5
+            wait_for(lambda: deps.store.counts("early")["succeeded"] == 2, 20, "both done")
+        finally:
+            engine.close()
+    assert len(fake.paid) == 2
+
+
 def test_close_hands_every_held_row_back_to_the_queue(
     redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
 ) -> None:

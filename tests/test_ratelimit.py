@@ -201,8 +201,9 @@ async def test_semaphore_respects_the_limit_and_release_frees(backend: Backend) 
     assert await sem.try_acquire("k", "a", limit=2, lease_s=10)  # renewing is not a new slot
     assert await sem.in_use("k") == 2
 
-    await sem.release("k", "a")
-    await sem.release("k", "nobody")
+    assert await sem.release("k", "a") is True
+    assert await sem.release("k", "nobody") is False  # says whether a slot came free
+    assert await sem.release("k", "a") is False
     assert await sem.in_use("k") == 1
     assert await sem.try_acquire("k", "c", limit=2, lease_s=10)
     assert await sem.try_acquire("other", "a", limit=1, lease_s=10)

@@ -117,7 +117,7 @@ class Engine:
         # a row let go and taken again is a new Held, and the old one's events do nothing.
         self._timers: list[tuple[float, int, Key, Held]] = []
         self._seq = itertools.count()
-        self._gates: dict[str, Gate] = defaultdict(Gate)
+        self._gates: dict[str, Gate] = {}
         # Rows whose wait is over and whose poll is gathered with the others that are due,
         # per provider, by one thread each (``_gather``): no step thread waits for a poll.
         self._due: dict[str, list[tuple[Key, Held]]] = defaultdict(list)
@@ -296,7 +296,7 @@ class Engine:
         if self._held.get(key) is not held:
             return  # let go meanwhile (a shutdown, or a row taken afresh)
         if later is not None and later.kind == "admission":
-            gate = self._gates[held.job.spec.provider]
+            gate = self._gate(held.job.spec.provider)
             if probed:
                 gate.waiting.appendleft((key, held))  # it keeps its place at the head
             else:
@@ -304,11 +304,10 @@ class Engine:
             gate.credits = 0
             gate.not_before = max(gate.not_before, self.clock() + later.seconds)
             return
-        if gate is not None and (probed or later is None):
-            # Admitted (the limit said yes), or terminal (a slot came free): the line moves,
-            # by as many rows as wait at most (credits do not pile up for an empty line).
-            gate.credits = min(gate.credits + 1, len(gate.waiting))
-            gate.not_before = 0.0
+        if gate is not None and probed:
+            # Admitted (the limit said yes, so there may be room for the next one too): the
+            # line moves. (A slot this process frees moves it too: ``_slot_freed``.)
+            self._credit(gate)
         if held.lost or later is None:
             self._let_go(key)
             return
@@ -316,6 +315,30 @@ class Engine:
         held.watch = later.watch
         due = self.clock() + later.seconds
         self._set_timer(key, held, due)
+
+    def _gate(self, provider: str) -> Gate:
+        gate = self._gates.get(provider)
+        if gate is None:
+            gate = self._gates[provider] = Gate()
+            limits = self.deps.limits(provider)
+            if limits is not None:
+                # Slots are freed inside steps (as soon as the provider is done with a row,
+                # before its results are stored: worker/limits.py), so the limits tell us.
+                limits.on_free = self._slot_freed
+        return gate
+
+    def _slot_freed(self, provider: str) -> None:
+        with self._cv:
+            gate = self._gates.get(provider)
+            if gate is not None and gate.waiting:
+                self._credit(gate)
+                self._cv.notify_all()
+
+    @staticmethod
+    def _credit(gate: Gate) -> None:
+        # By as many rows as wait at most: credits do not pile up for an empty line.
+        gate.credits = min(gate.credits + 1, len(gate.waiting))
+        gate.not_before = 0.0
 
     def _dispatch(self, key: Key, held: Held) -> None:
         if held.cpu:

@@ -9,7 +9,11 @@ state, so the limits hold for the whole fleet:
   free (GCRA) and an in-flight slot free (a lease held by the row);
 - while the row waits on its provider, ``keep(row)`` refreshes that lease (a dead
   worker's lease runs out by itself and the slot comes back);
-- when the row is terminal, ``release(row)``;
+- once the provider says the row's generation is over (its results ready, or failed),
+  ``release(row)``: the provider's concurrency counts generations, not our downloads
+  and uploads, so the next row may start while this one's results are stored. (The
+  row's end releases it again: a no-op by then.) Whoever listens (``on_free``: the
+  engine's admission line) hears of each slot this process frees, at once;
 - a 429 from the provider ``slow_down()``s the account for a while; an auth or credit
   error ``trip()``s its circuit for every batch.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -113,6 +117,9 @@ class ProviderLimits:
     _circuit: tuple[float, str | None] = (float("-inf"), None)
     # Row -> when it was first refused (monotonic), for the admission-wait histogram.
     _waiting: dict[str, float] = field(default_factory=dict)
+    # Told (with the provider's name) when this process frees a slot: rows waiting here
+    # for one may go now, not when their line would next look (worker/engine.py).
+    on_free: Callable[[str], None] | None = None
 
     @property
     def provider(self) -> str:
@@ -149,7 +156,7 @@ class ProviderLimits:
         if self.rate is not None:
             wait = self.loop.run(self.backends.rates.acquire(self.key, self.rate, RATE_BURST))
             if wait > 0:
-                self.release(row)  # no slot held while waiting for a token
+                self._free(row)  # no slot held while waiting for a token
                 self._refused(row, "rate")
                 why = f"rate limit {self.rate.count}/{self.rate.period_s:g}s"
                 return Deferred(wait, why, exact=True)
@@ -161,8 +168,14 @@ class ProviderLimits:
             self.loop.run(self.backends.slots.refresh(self.key, row, LEASE_S))
 
     def release(self, row: str) -> None:
-        if self.max_in_flight is not None:
-            self.loop.run(self.backends.slots.release(self.key, row))
+        if self._free(row) and self.on_free is not None:
+            self.on_free(self.provider)
+
+    def _free(self, row: str) -> bool:
+        """Whether the row held a slot (now free)."""
+        if self.max_in_flight is None:
+            return False
+        return self.loop.run(self.backends.slots.release(self.key, row))
 
     def slow_down(self) -> None:
         if self.rate is not None:
@@ -186,6 +199,11 @@ class RowLimits:
 
     def keep(self) -> None:
         self.limits.keep(self.row)
+
+    def release(self) -> None:
+        """The provider has finished with the row (its results are ready): the slot is
+        free for the next row while this one's results are downloaded and stored."""
+        self.limits.release(self.row)
 
     def slow_down(self) -> None:
         self.limits.slow_down()

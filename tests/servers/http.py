@@ -68,6 +68,7 @@ class RecordedCall:
     path: str  # path and query as received
     headers: dict[str, str]  # lower-case names
     body: Any  # the parsed JSON body, or the raw bytes when it is not JSON
+    at: float = field(default_factory=time.monotonic, compare=False)  # when it arrived
 
     @classmethod
     def of(cls, handler: Handler, raw: bytes) -> RecordedCall:

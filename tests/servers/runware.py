@@ -488,9 +488,12 @@ class FakeRunware(FakeHTTPServer):
         upload_fails: bool = False,
         processing_spread: float = 0.0,
         spread_seed: int = 0,
+        download_delay_s: float = 0.0,
     ) -> None:
         super().__init__()
         self.api_key = api_key
+        # The results' CDN is a server of its own, and can be slow while the API is not.
+        self.download_delay_s = download_delay_s
         self.processing_s = processing_s
         self.processing_spread = processing_spread
         self._spread_rng = random.Random(spread_seed)
@@ -572,6 +575,8 @@ class FakeRunware(FakeHTTPServer):
                 return _errors_reply(405, "methodNotAllowed", "Use POST.", {"Allow": "POST"})
             return self._api(call)
         if path.startswith("/images/") and call.method in ("GET", "HEAD"):
+            if self.download_delay_s and self.stopping.wait(self.download_delay_s):
+                return Reply(0, drop=True)
             with self.lock:
                 found = self._images.get(path.removeprefix("/images/"))
             if found is not None:

@@ -346,6 +346,8 @@ class FalProvider:
                 stop_if_canceled(ctx, f"fal request {memory['request_id']}")
                 if self._poll(memory, ctx):
                     generated(ctx, memory.get("accepted_at"), memory)
+                    if ctx.limits is not None:
+                        ctx.limits.release()  # fal is done with it: the next row may go
                     return self._outputs(job, memory["request_id"], self._result(memory), ctx)
         except RequestFailed:
             ctx.memory.save({"uploads": memory.get("uploads", {})})

@@ -601,6 +601,8 @@ class RunwareProvider:
         if progress is not None and progress.done(job.spec.num_results):
             if polled:  # a sync answer's time is the request's, not a poll schedule's
                 generated(ctx, memory.get("accepted_at"), memory)
+            if ctx.limits is not None:
+                ctx.limits.release()  # Runware is done with it: the next row may go
             return self._result(job, task_uuid, progress, direct, ctx)
         if ctx.limits is not None and polled:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive

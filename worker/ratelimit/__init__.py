@@ -181,8 +181,8 @@ class Semaphore(Protocol):
         """Extend a live lease to ``lease_s`` from now; False if it expired or is gone."""
         ...
 
-    async def release(self, key: str, holder: str) -> None:
-        """Give the lease back; a no-op if ``holder`` has none."""
+    async def release(self, key: str, holder: str) -> bool:
+        """Give the lease back; False (and nothing done) if ``holder`` had none."""
         ...
 
     async def in_use(self, key: str) -> int:

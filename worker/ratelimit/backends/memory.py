@@ -105,9 +105,9 @@ class MemorySemaphore:
             leases[holder] = now + lease_s
             return True
 
-    async def release(self, key: str, holder: str) -> None:
+    async def release(self, key: str, holder: str) -> bool:
         with self._lock:
-            self._leases.get(key, {}).pop(holder, None)
+            return self._leases.get(key, {}).pop(holder, None) is not None
 
     async def in_use(self, key: str) -> int:
         with self._lock:

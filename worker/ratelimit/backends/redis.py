@@ -191,8 +191,9 @@ class RedisSemaphore:
         got: Any = await self._refresh(keys=[self._key(key)], args=[holder, _us(lease_s)])
         return bool(int(got))
 
-    async def release(self, key: str, holder: str) -> None:
-        await self._client.zrem(self._key(key), holder)
+    async def release(self, key: str, holder: str) -> bool:
+        removed: Any = await self._client.zrem(self._key(key), holder)
+        return bool(int(removed))
 
     async def in_use(self, key: str) -> int:
         count: Any = await self._in_use(keys=[self._key(key)])
