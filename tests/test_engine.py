@@ -110,6 +110,35 @@ def test_the_polls_of_rows_due_together_share_requests_off_the_step_threads(
     assert sorted(fake.paid) == sorted(set(fake.paid)) and len(fake.paid) == 30
 
 
+def test_a_gathered_poll_that_says_not_yet_gives_its_row_no_step(
+    redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
+) -> None:
+    # A step would only count the poll (a Redis write) and set the next one: the engine
+    # polls on by itself, and the result's time is still learned from the last "not yet".
+    url = files.add("/s.png", png(), "image/png")
+    with FakeRunware(KEY, processing_s=6.0) as fake:
+        deps = make_deps(redis_url, fake)
+        submit(deps, 1, url, tmp_path, "quiet")
+        engine = Engine(deps, lambda b, i: None, threads=2, max_rows=10)
+        try:
+            assert engine.adopt("quiet", 0, wait_s=5)
+            wait_for(lambda: len(fake.paid) == 1, 10, "accepted")
+            time.sleep(4.0)
+            memory = json.loads(redis_client.hget("bgswap:{quiet}:provider", "0") or "{}")
+            with fake.lock:
+                polls = sum(1 for c in fake.requests if isinstance(c.body, list)
+                            and any(t.get("taskType") == "getResponse" for t in c.body))  # fmt: skip
+            wait_for(lambda: deps.store.counts("quiet")["succeeded"] == 1, 10, "done")
+        finally:
+            engine.close()
+    assert polls >= 10  # polled every 0.1-0.2 s...
+    assert memory["polls"] <= 2  # ...with a step for the first poll only
+    (learned,) = redis_client.lrange("bgswap:gen:runware:default", 0, -1)
+    # The middle between the last "not yet" and the done (a step's own record would be
+    # from 4 s before: 0.9 x the time seen, or 4 s early).
+    assert abs(float(learned) - 6.0) < 0.35
+
+
 def test_the_admission_line_keeps_the_cap_and_moves_when_slots_free(
     redis_client: redis_lib.Redis, redis_url: str, tmp_path: Path, files: FileServer
 ) -> None:

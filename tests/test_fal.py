@@ -551,6 +551,22 @@ def test_the_status_polls_of_several_rows_go_out_together(fake: FakeFal, seed_ur
     assert fake.submit_count() == 3  # paid once each
 
 
+def test_gathered_statuses_name_the_requests_still_running(seed_url: str) -> None:
+    # Those rows need no step (worker/engine.py); a queued one (its position is shown),
+    # a completed one or a failed poll does.
+    with FakeFal(KEY, queue_s=0.05, processing_s=1.0, concurrency=1) as slow:
+        rows = waiting_rows(slow, seed_url, 2)
+        provider = rows[0].provider
+        urls = [row.memory.value["status_url"] for row in rows]
+        time.sleep(0.2)
+        assert provider.prefetch(urls) == {urls[0]}  # the second waits in the queue
+        slow.inject("status", route="status", status=503)
+        assert provider.prefetch(urls[:1]) == set()
+        time.sleep(1.0)
+        assert provider.prefetch(urls[:1]) == set()  # completed: its step has its answer
+        assert isinstance(provider.step(rows[0].job, rows[0].ctx), ProviderResult)
+
+
 def test_a_prefetched_status_that_failed_is_that_rows_poll_failing(
     fake: FakeFal, seed_url: str
 ) -> None:

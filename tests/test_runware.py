@@ -681,6 +681,22 @@ def test_the_polls_of_several_rows_share_one_request(
     assert provider._prefetched.take(stranger) is not None  # kept for a row it is not
 
 
+def test_a_shared_poll_names_the_tasks_still_processing(seed_url: str, tmp_path: Path) -> None:
+    # Those rows need no step (worker/engine.py); a result, an error or a failed poll does.
+    with FakeRunware(KEY, processing_s=1.0) as slow:
+        rows = submitted_rows(slow, seed_url, tmp_path, 2)
+        provider = rows[0].provider
+        uuids = [row.memory.value["task_uuid"] for row in rows]
+        stranger = "0b7d7f3e-5f7e-4c33-9d3e-4a1c3e0f6b11"  # Runware does not know it
+        assert provider.prefetch([*uuids, stranger]) == set(uuids)
+        slow.inject("status", task_type="getResponse", status=503, code="serviceUnavailable")
+        assert provider.prefetch(uuids) == set()
+        time.sleep(1.1)
+        assert provider.prefetch(uuids) == set()  # done: each row's step has its answer
+        assert all(isinstance(provider.step(r.job, r.ctx), ProviderResult) for r in rows)
+        assert len(poll_requests(slow)) == 3
+
+
 def test_a_shared_poll_that_fails_is_each_rows_poll_failing(
     fake: FakeRunware, seed_url: str, tmp_path: Path
 ) -> None:

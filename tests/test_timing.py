@@ -5,6 +5,7 @@ Runware row polled on it against the strict fake."""
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from servers.files import FileServer
 from servers.runware import FakeRunware
 from worker.pipeline import Deps, handle_delivery
 from worker.providers import get_provider
+from worker.providers.base import DictMemory, ProviderContext, Wait
+from worker.providers.polling import next_wait
 from worker.providers.timing import (
     KEEP,
     MIN_SAMPLES,
@@ -54,6 +57,19 @@ def test_the_close_interval_has_a_floor_and_respects_the_configuration() -> None
     assert learned_wait(fast, 0.25, 1.0, 10.0, backoff_s=1.0) == 0.25  # not 15 ms
     assert learned_wait(fast, 0.25, 0.05, 10.0, backoff_s=0.05) == pytest.approx(0.05)
     assert learned_wait(EIGHT, 7.0, 1.0, 0.3, backoff_s=0.3) == 0.3  # never past max_s
+
+
+def test_a_wait_names_the_pace_of_the_polls_after_it() -> None:
+    # The engine polls on at ``then_s`` while gathered polls say "not yet" (no step).
+    def wait(memory: dict[str, object], expected: Expected | None) -> Wait:
+        ctx = ProviderContext(fetch=lambda ref, field: b"", max_image_pixels=1, memory=DictMemory())
+        return next_wait(memory, ctx.memory, ctx, initial_s=1.0, max_s=10.0, timeout_s=600.0,
+                         what="t", expected=expected, watch="w")  # fmt: skip
+
+    learned = wait({}, EIGHT)  # just submitted: first at the low quantile, then close
+    assert learned.seconds == pytest.approx(6.5, abs=0.01) and learned.then_s == 0.4
+    plain = wait({"polls": 2, "waiting_since": time.time()}, None)  # the backoff, one on
+    assert (plain.seconds, plain.then_s) == (2.25, 3.375)
 
 
 def test_times_are_kept_in_redis_per_provider_and_speed_and_shared(

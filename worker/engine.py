@@ -25,6 +25,11 @@ is acked; from then on this process steps the row itself:
   waits in its provider's gate, first in first out: one probe at a time while the limit
   says no, all of them while it says yes, and at once when a row of this process frees
   a slot. Hundreds of waiting rows thus cost one Redis call per wait, not one each.
+- **Polls.** A row waiting on a provider that can poll many at once (``Prefetching``) is
+  polled with every other row of that provider that is due, in as few requests as it
+  takes, off the step threads. An answer that says only "not yet" gives the row no step:
+  the engine polls it again at the pace its last step set (``Wait.then_s``), and steps it
+  only for news, or after ``STEP_EVERY_S`` (no thread, no Redis write per poll).
 - **Shutdown** (SIGTERM, warm): steps under way finish, then every held row is handed
   back: its lease released, its message published again.
 """
@@ -38,7 +43,7 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -54,6 +59,9 @@ Key = tuple[str, int]
 TRANSIENT_WAIT_S = 5.0  # a step that failed outside the row (Redis unreachable): try again
 HEARTBEAT_RETRY_S = 1.0
 GATHER_AHEAD_S = 0.05
+# The longest a waiting row goes without a step while gathered polls say "not yet": its
+# step keeps its in-flight slot's lease (worker/limits.py: LEASE_S) and checks its deadline.
+STEP_EVERY_S = 10.0
 
 
 @dataclass
@@ -68,6 +76,8 @@ class Held:
     # What its next step polls, when its provider can poll for several rows at once
     # (worker/providers/base.py: Prefetching): the engine gathers those polls.
     watch: str | None = None
+    then_s: float | None = None  # the pace of its gathered polls while they say "not yet"
+    stepped_at: float = 0.0  # when its last step ended (the engine's clock)
     # The sequence number of its one live timer (-1: none): a timer moved earlier (a
     # completion webhook: ``wake``) leaves the old entry in the heap, which then does nothing.
     timer: int = -1
@@ -313,6 +323,8 @@ class Engine:
             return
         held.retry = later.kind == "retry"
         held.watch = later.watch
+        held.then_s = later.then_s
+        held.stepped_at = self.clock()
         due = self.clock() + later.seconds
         self._set_timer(key, held, due)
 
@@ -421,16 +433,51 @@ class Engine:
                 due = [(key, held) for key, held in self._due[name] if self._held.get(key) is held]
                 self._due[name] = []
             try:
-                provider.prefetch([held.watch for _, held in due if held.watch is not None])
+                pending = provider.prefetch([h.watch for _, h in due if h.watch is not None])
             except Exception as exc:  # each row's step polls for itself instead
                 log.warning("%s: gathered poll failed: %s", name, type(exc).__name__)
+                pending = set()
+            quiet = self._quiet(due, pending)
             with self._cv:
                 now = self.clock()
                 for key, held in due:
-                    if self._held.get(key) is held:
+                    if self._held.get(key) is not held:
+                        continue
+                    if key in quiet and held.then_s is not None:
+                        self._set_timer(key, held, now + held.then_s)  # polled again, no step
+                    else:
                         held.watch = None
                         self._set_timer(key, held, now)
                 self._cv.notify_all()
+
+    def _quiet(self, due: list[tuple[Key, Held]], pending: Collection[str]) -> set[Key]:
+        """The rows a gathered poll found plainly unfinished that need no step to hear it
+        (a step would only count the poll and set the next): each stepped less than
+        ``STEP_EVERY_S`` ago (its slot's lease kept, its deadline checked), still surely
+        this process's, and its batch neither canceled nor halted. Read outside the lock:
+        the flags may ask Redis."""
+        now = self.clock()
+        quiet: set[Key] = set()
+        for key, held in due:
+            if held.watch not in pending or held.then_s is None:
+                continue
+            if held.lost or not held.hold.fresh():
+                continue  # its step drops it, or asks Redis first
+            if now - held.stepped_at >= STEP_EVERY_S:
+                continue
+            if self._flagged(key[0], held.job.spec.provider):
+                continue
+            quiet.add(key)
+        return quiet
+
+    def _flagged(self, batch_id: str, provider: str) -> bool:
+        """Canceled or halted (or Redis cannot say): the row's step decides."""
+        flags = self.deps.flags
+        try:
+            return flags.canceled(batch_id) or flags.halted(batch_id, provider) is not None
+        except Exception as exc:
+            log.debug("batch flags unread: %s", type(exc).__name__)
+            return True
 
     def _move(self, gate: Gate, now: float) -> None:
         if not gate.waiting or now < gate.not_before:

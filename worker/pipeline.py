@@ -325,6 +325,7 @@ class Later:
     seconds: float
     kind: Literal["wait", "retry", "admission"]
     watch: str | None = None  # a wait's: what its next step polls (providers/base.py: Wait)
+    then_s: float | None = None  # a wait's: the pace of the gathered polls after the next
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,7 @@ def advance(job: Job, deps: Deps, attempt: int, hold: Hold) -> Later | None:
         _finish(job, deps, _failure(job, internal), hold)
         return None
     if isinstance(record, Wait):
-        return Later(record.seconds, "wait", record.watch)
+        return Later(record.seconds, "wait", record.watch, record.then_s)
     if isinstance(record, Deferred):
         return admission(record, deps.rand)
     _finish(job, deps, record, hold)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,10 +35,15 @@ class Wait:
     ``watch`` names what the next step will poll (a Runware taskUUID, a fal status URL)
     when the provider can look several up at once (``Prefetching``): the engine then asks
     for all the rows that are due in one go, off the step threads, and the step reads the
-    answer it was given instead of waiting for a round trip of its own."""
+    answer it was given instead of waiting for a round trip of its own.
+
+    ``then_s``: how often to look again while such a gathered poll finds the work plainly
+    unfinished. The engine polls on at that pace without a step (no thread, no Redis
+    write), up to ``worker.engine.STEP_EVERY_S`` between steps."""
 
     seconds: float
     watch: str | None = None
+    then_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,12 @@ class Provider(Protocol):
 class Prefetching(Protocol):
     """A provider whose polls the engine can gather (worker/engine.py): ``prefetch`` asks
     about every watched wait that is due, in as few requests as the provider allows, and
-    keeps each answer for the row's next step, which uses it instead of a request."""
+    keeps each answer for the row's next step, which uses it instead of a request.
 
-    def prefetch(self, watches: Sequence[str]) -> None: ...
+    It returns the watches whose answer says only "not yet" (nothing kept for them): their
+    rows need no step to learn that, and the engine polls them again (``Wait.then_s``)."""
+
+    def prefetch(self, watches: Sequence[str]) -> Collection[str]: ...
 
 
 def run_to_completion(provider: Provider, job: Job, ctx: ProviderContext) -> ProviderResult:

@@ -40,6 +40,7 @@ class Prefetched(Generic[T]):
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._items: dict[str, tuple[float, T]] = {}
+        self._unready: dict[str, float] = {}
 
     def put(self, key: str, value: T) -> None:
         now = time.monotonic()
@@ -54,6 +55,21 @@ class Prefetched(Generic[T]):
         if item is None or item[0] < time.monotonic() - self.max_age_s:
             return None
         return item[1]
+
+    def unready(self, key: str) -> None:
+        """A gathered poll found ``key`` unfinished, and no step learned it: when, for the
+        estimate of its generation time (worker/providers/polling.py, ``generated``)."""
+        now = time.time()
+        oldest = now - self.max_age_s
+        with self._lock:
+            self._unready[key] = now
+            if len(self._unready) > 64 and next(iter(self._unready.values())) < oldest:
+                self._unready = {k: t for k, t in self._unready.items() if t >= oldest}
+
+    def unready_at(self, key: str) -> float | None:
+        """When a gathered poll last found ``key`` unfinished (wall clock), once."""
+        with self._lock:
+            return self._unready.pop(key, None)
 
 
 In = TypeVar("In")

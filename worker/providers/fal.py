@@ -307,20 +307,23 @@ class FalProvider:
         # The key lives only in this header; never in messages, logs or Redis.
         return {"Authorization": f"Key {self._key.get_secret_value()}"}
 
-    def prefetch(self, watches: Sequence[str]) -> None:
+    def prefetch(self, watches: Sequence[str]) -> set[str]:
         """Ask for the status of every watched request (their status URLs) at once, each
         answer kept for its row's next step: fal has no request for several statuses, so
-        they go out together on an event loop instead of one per step thread."""
+        they go out together on an event loop instead of one per step thread. Returns the
+        requests plainly running (``IN_PROGRESS``: a queued one's position is its step's to
+        show)."""
         auth = self._auth
         with self._loop_lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self._statuses(watches, auth))
+            return self._loop.run_until_complete(self._statuses(watches, auth))
 
-    async def _statuses(self, urls: Sequence[str], auth: dict[str, str]) -> None:
+    async def _statuses(self, urls: Sequence[str], auth: dict[str, str]) -> set[str]:
         if self._async_http is None:  # made on the loop that uses it
             self._async_http = httpx.AsyncClient(timeout=self.cfg.http_timeout_s, trust_env=False)
         client = self._async_http
+        pending: set[str] = set()
 
         async def status(url: str) -> None:
             try:
@@ -330,8 +333,12 @@ class FalProvider:
                 self._prefetched.put(url, err)
                 return
             self._prefetched.put(url, response)
+            if in_progress(response):
+                self._prefetched.unready(url)
+                pending.add(url)
 
         await asyncio.gather(*(status(url) for url in urls if same_origin(url, self.cfg.queue_url)))
+        return pending
 
     def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
         """Submit (once) or poll (once); then the results, or how long to wait."""
@@ -345,7 +352,8 @@ class FalProvider:
                 logs.bind(provider_task_id=memory["request_id"])
                 stop_if_canceled(ctx, f"fal request {memory['request_id']}")
                 if self._poll(memory, ctx):
-                    generated(ctx, memory.get("accepted_at"), memory)
+                    unready = self._prefetched.unready_at(memory["status_url"])
+                    generated(ctx, memory.get("accepted_at"), memory, unready)
                     if ctx.limits is not None:
                         ctx.limits.release()  # fal is done with it: the next row may go
                     return self._outputs(job, memory["request_id"], self._result(memory), ctx)
@@ -617,6 +625,17 @@ class FalProvider:
             data = encode_image(decoded, wanted, spec.output_quality or 95)
         final = wanted or FORMATS.get(fmt or "", "PNG")
         return OutputImage(data, CONTENT_TYPES[final], EXTENSIONS[final], width, height, seed)
+
+
+def in_progress(response: httpx.Response) -> bool:
+    """A status answer that says only "running, not done"."""
+    if response.status_code >= 300:
+        return False
+    try:
+        answer = response.json()
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("status") == "IN_PROGRESS"
 
 
 def _unknown(why: str) -> ProviderRejected:

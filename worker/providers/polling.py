@@ -29,15 +29,20 @@ def poll_delay(polls: int, initial_s: float, max_s: float, factor: float = 1.5) 
 EARLIER = 0.9
 
 
-def generated(ctx: ProviderContext, accepted_at: object, memory: dict[str, Any]) -> None:
+def generated(
+    ctx: ProviderContext, accepted_at: object, memory: dict[str, Any],
+    unready_at: float | None = None,
+) -> None:  # fmt: skip
     """A poll found the result: report how long after the provider accepted it (the
     wall-clock ``accepted_at`` in the row's memory) it was seen, and the estimate the
     poll schedule learns from: the middle between the last poll that found it unfinished
-    and this one."""
+    (its step's, in memory, or a later gathered one's: ``unready_at``) and this one."""
     if not isinstance(accepted_at, int | float):
         return
     now = time.time()
     unready = memory.get("unready_at")
+    if unready_at is not None and (not isinstance(unready, int | float) or unready_at > unready):
+        unready = unready_at
     if isinstance(unready, int | float) and unready > accepted_at:
         estimate = (unready + now) / 2 - accepted_at
     else:
@@ -86,6 +91,10 @@ def next_wait(
     memory["polls"] = polls + 1
     store.save(memory)
     backoff = poll_delay(polls, initial_s, max_s)
+    # The pace of the polls after this one while they find it unfinished (``Wait.then_s``).
+    after = poll_delay(polls + 1, initial_s, max_s)
     if expected is None:
-        return Wait(backoff, watch)
-    return Wait(learned_wait(expected, time.time() - started, initial_s, max_s, backoff), watch)
+        return Wait(backoff, watch, after)
+    waited = time.time() - started
+    wait = learned_wait(expected, waited, initial_s, max_s, backoff)
+    return Wait(wait, watch, learned_wait(expected, waited + wait, initial_s, max_s, after))

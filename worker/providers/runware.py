@@ -391,6 +391,16 @@ def poll_progress(answer: Answer, task_uuid: str) -> Progress | None:
 KINDS = {"imageInference": "submit", "getResponse": "poll", "imageUpload": "upload"}
 
 
+def still_processing(answer: Answer, task_uuid: str) -> bool:
+    """Does this answer say only that the task is not done yet (no result, no error, no
+    failed poll)? Then its row has nothing to act on."""
+    try:
+        progress = poll_progress(answer, task_uuid)
+    except BgswapError:
+        return False
+    return progress is not None and not (progress.successes or progress.errors or progress.dead)
+
+
 def answer_for(answer: Answer, task_uuid: str) -> Answer:
     """One task's part of an answer to several: its items and errors, and those about no
     task in particular (a refusal of the whole request concerns every task in it)."""
@@ -554,10 +564,12 @@ class RunwareProvider:
     def estimate_cost(self, spec: JobSpec) -> float:
         return estimate_cost(spec)
 
-    def prefetch(self, watches: Sequence[str]) -> None:
+    def prefetch(self, watches: Sequence[str]) -> set[str]:
         """Poll every watched task in getResponse requests of up to ``POLL_BATCH`` tasks
         each: the engine's way of polling all the rows that are due at once (Runware
-        answers each task of a request on its own, matched here by taskUUID)."""
+        answers each task of a request on its own, matched here by taskUUID). Returns the
+        tasks still plainly processing."""
+        pending: set[str] = set()
         for start in range(0, len(watches), POLL_BATCH):
             chunk = watches[start : start + POLL_BATCH]
             tasks = [{"taskType": "getResponse", "taskUUID": task_uuid} for task_uuid in chunk]
@@ -568,7 +580,13 @@ class RunwareProvider:
                     self._prefetched.put(task_uuid, err)
                 continue
             for task_uuid in chunk:
-                self._prefetched.put(task_uuid, answer_for(answer, task_uuid))
+                mine = answer_for(answer, task_uuid)
+                # Kept even when it only says "not yet": the engine may step the row anyway.
+                self._prefetched.put(task_uuid, mine)
+                if still_processing(mine, task_uuid):
+                    self._prefetched.unready(task_uuid)
+                    pending.add(task_uuid)
+        return pending
 
     def step(self, job: Job, ctx: ProviderContext) -> ProviderResult | Wait | Deferred:
         try:
@@ -600,7 +618,8 @@ class RunwareProvider:
             progress = submitted
         if progress is not None and progress.done(job.spec.num_results):
             if polled:  # a sync answer's time is the request's, not a poll schedule's
-                generated(ctx, memory.get("accepted_at"), memory)
+                unready = self._prefetched.unready_at(task_uuid)
+                generated(ctx, memory.get("accepted_at"), memory, unready)
             if ctx.limits is not None:
                 ctx.limits.release()  # Runware is done with it: the next row may go
             return self._result(job, task_uuid, progress, direct, ctx)
