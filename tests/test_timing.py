@@ -61,15 +61,21 @@ def test_the_close_interval_has_a_floor_and_respects_the_configuration() -> None
 
 def test_a_wait_names_the_pace_of_the_polls_after_it() -> None:
     # The engine polls on at ``then_s`` while gathered polls say "not yet" (no step).
-    def wait(memory: dict[str, object], expected: Expected | None) -> Wait:
+    def wait(memory: dict[str, object], expected: Expected | None, **gathered: float) -> Wait:
         ctx = ProviderContext(fetch=lambda ref, field: b"", max_image_pixels=1, memory=DictMemory())
         return next_wait(memory, ctx.memory, ctx, initial_s=1.0, max_s=10.0, timeout_s=600.0,
-                         what="t", expected=expected, watch="w")  # fmt: skip
+                         what="t", expected=expected, watch="w", **gathered)  # fmt: skip
 
     learned = wait({}, EIGHT)  # just submitted: first at the low quantile, then close
     assert learned.seconds == pytest.approx(6.5, abs=0.01) and learned.then_s == 0.4
     plain = wait({"polls": 2, "waiting_since": time.time()}, None)  # the backoff, one on
     assert (plain.seconds, plain.then_s) == (2.25, 3.375)
+    # Polls that share one request for every row come close together once due...
+    shared = wait({}, EIGHT, gathered_short_s=0.1)
+    assert shared.seconds == pytest.approx(6.5, abs=0.01) and shared.then_s == 0.1
+    # ...and back off as any other past the stragglers' mark.
+    late = wait({"polls": 9, "waiting_since": time.time() - 30}, EIGHT, gathered_short_s=0.1)
+    assert (late.seconds, late.then_s) == (10.0, 10.0)
 
 
 def test_times_are_kept_in_redis_per_provider_and_speed_and_shared(

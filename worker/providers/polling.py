@@ -67,6 +67,7 @@ def next_wait(
     what: str,
     expected: Expected | None = None,
     watch: str | None = None,
+    gathered_short_s: float | None = None,
 ) -> Wait:
     """Count a poll that found the work unfinished and say when to look again: on the
     schedule learned from recent generations when there is one (``expected``,
@@ -74,7 +75,9 @@ def next_wait(
 
     Past ``timeout_s`` since the submission it raises a retryable timeout: the provider
     id stays in memory, so the next attempt polls the same request instead of paying for
-    a new one. A canceled batch stops the wait.
+    a new one. A canceled batch stops the wait. ``gathered_short_s``: the close interval of
+    the polls after this one when the engine gathers them into shared requests
+    (``Wait.then_s``).
     """
     stop_if_canceled(ctx, what)
     if "waiting_since" in memory:  # this follows a poll, not the submit
@@ -97,4 +100,5 @@ def next_wait(
         return Wait(backoff, watch, after)
     waited = time.time() - started
     wait = learned_wait(expected, waited, initial_s, max_s, backoff)
-    return Wait(wait, watch, learned_wait(expected, waited + wait, initial_s, max_s, after))
+    then = learned_wait(expected, waited + wait, initial_s, max_s, after, gathered_short_s)
+    return Wait(wait, watch, then)

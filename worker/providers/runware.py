@@ -59,6 +59,7 @@ from worker.providers.common import (
     send,
 )
 from worker.providers.polling import generated, next_wait, stop_if_canceled
+from worker.providers.timing import GATHERED_SHORT_S
 from worker.settings import Settings
 from worker.storage import StoredObject, output_destination
 
@@ -632,7 +633,7 @@ class RunwareProvider:
             # With our completion webhook, the close polls are not needed: its call is the
             # signal (worker/completions.py), the backoff only the fallback.
             expected=None if ctx.webhook and not self.cfg.webhook_url else ctx.expected,
-            watch=task_uuid,
+            watch=task_uuid, gathered_short_s=GATHERED_SHORT_S,
         )  # fmt: skip
 
     def _task(

@@ -11,7 +11,8 @@ the last ``KEEP`` of them, shared by every worker; each process reads them at mo
 The policy (``learned_wait``, pure): with at least ``MIN_SAMPLES`` times known, the first
 poll comes at their low quantile (few results are ready earlier), then polls follow
 each other at a short interval (a twentieth of the typical time, never under a quarter
-of a second nor under the configured first poll when that is smaller), until the row has
+of a second nor under the configured first poll when that is smaller; a tenth of a second
+between the rounds of polls that share one request, ``GATHERED_SHORT_S``), until the row has
 waited twice the high quantile: past that it is a straggler and the usual backoff
 takes over. With fewer samples, the configured schedule (worker/providers/polling.py).
 """
@@ -30,6 +31,10 @@ MIN_SAMPLES = 5
 REFRESH_S = 15.0
 SHORT_FRACTION = 0.05
 SHORT_FLOOR_S = 0.25
+# The close interval of the polls that go out gathered in one request for every row due
+# (Runware's getResponse, from the engine: worker/engine.py): a round costs one request
+# however many rows it asks about, so rounds come about back to back.
+GATHERED_SHORT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -51,16 +56,19 @@ def expected_from(seconds: Sequence[float]) -> Expected | None:
 
 
 def learned_wait(
-    expected: Expected, waited_s: float, initial_s: float, max_s: float, backoff_s: float
-) -> float:
+    expected: Expected, waited_s: float, initial_s: float, max_s: float, backoff_s: float,
+    short_s: float | None = None,
+) -> float:  # fmt: skip
     """Seconds until the next poll of a row that has waited ``waited_s`` since its
-    provider accepted it; ``backoff_s`` is what the configured schedule would wait."""
+    provider accepted it; ``backoff_s`` is what the configured schedule would wait;
+    ``short_s``, the provider's own close interval, if it has one (``GATHERED_SHORT_S``)."""
     if waited_s < expected.low_s:
         return expected.low_s - waited_s
     if waited_s > 2 * expected.high_s:
         return backoff_s
-    short = max(SHORT_FRACTION * expected.median_s, min(SHORT_FLOOR_S, initial_s))
-    return min(max_s, short)
+    if short_s is None:
+        short_s = max(SHORT_FRACTION * expected.median_s, min(SHORT_FLOOR_S, initial_s))
+    return min(max_s, short_s)
 
 
 class GenerationTimes:
