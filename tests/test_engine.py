@@ -116,6 +116,8 @@ def test_a_gathered_poll_that_says_not_yet_gives_its_row_no_step(
     # A step would only count the poll (a Redis write) and set the next one: the engine
     # polls on by itself, and the result's time is still learned from the last "not yet".
     url = files.add("/s.png", png(), "image/png")
+    # Recent generations took 4 s: polls from 4 s on, 0.1 s apart (Runware's shared ones).
+    redis_client.lpush("bgswap:gen:runware:default", *["4.0"] * 5)
     with FakeRunware(KEY, processing_s=6.0) as fake:
         deps = make_deps(redis_url, fake)
         submit(deps, 1, url, tmp_path, "quiet")
@@ -123,7 +125,7 @@ def test_a_gathered_poll_that_says_not_yet_gives_its_row_no_step(
         try:
             assert engine.adopt("quiet", 0, wait_s=5)
             wait_for(lambda: len(fake.paid) == 1, 10, "accepted")
-            time.sleep(4.0)
+            time.sleep(5.5)  # still generating
             memory = json.loads(redis_client.hget("bgswap:{quiet}:provider", "0") or "{}")
             with fake.lock:
                 polls = sum(1 for c in fake.requests if isinstance(c.body, list)
@@ -131,11 +133,12 @@ def test_a_gathered_poll_that_says_not_yet_gives_its_row_no_step(
             wait_for(lambda: deps.store.counts("quiet")["succeeded"] == 1, 10, "done")
         finally:
             engine.close()
-    assert polls >= 10  # polled every 0.1-0.2 s...
+    assert polls >= 10  # polled every 0.1 s from 4 s on...
     assert memory["polls"] <= 2  # ...with a step for the first poll only
-    (learned,) = redis_client.lrange("bgswap:gen:runware:default", 0, -1)
-    # The middle between the last "not yet" and the done (a step's own record would be
-    # from 4 s before: 0.9 x the time seen, or 4 s early).
+    learned = redis_client.lindex("bgswap:gen:runware:default", 0)
+    assert learned is not None and redis_client.llen("bgswap:gen:runware:default") == 6
+    # The middle between the last "not yet" and the done (with no step's record of a
+    # "not yet", it would be 0.9 x the time seen: 0.6 s early).
     assert abs(float(learned) - 6.0) < 0.35
 
 

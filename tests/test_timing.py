@@ -68,8 +68,12 @@ def test_a_wait_names_the_pace_of_the_polls_after_it() -> None:
 
     learned = wait({}, EIGHT)  # just submitted: first at the low quantile, then close
     assert learned.seconds == pytest.approx(6.5, abs=0.01) and learned.then_s == 0.4
-    plain = wait({"polls": 2, "waiting_since": time.time()}, None)  # the backoff, one on
-    assert (plain.seconds, plain.then_s) == (2.25, 3.375)
+    # Unlearned: every poll is a step, which takes up the schedule once there is one.
+    plain = wait({"polls": 2, "waiting_since": time.time()}, None)
+    assert (plain.seconds, plain.then_s) == (2.25, None)
+    # Unless its polls share one request for every row: close from the first on.
+    cheap = wait({"polls": 2, "waiting_since": time.time()}, None, gathered_short_s=0.1)
+    assert (cheap.seconds, cheap.then_s) == (2.25, 0.1)
     # Polls that share one request for every row come close together once due...
     shared = wait({}, EIGHT, gathered_short_s=0.1)
     assert shared.seconds == pytest.approx(6.5, abs=0.01) and shared.then_s == 0.1
@@ -100,6 +104,21 @@ def test_times_are_kept_in_redis_per_provider_and_speed_and_shared(
     now[0] += 16.0
     changed = other.expected("runware", "TURBO")
     assert changed is not None and changed.median_s == 9.0
+
+
+def test_too_few_times_are_looked_at_again_within_a_second(
+    redis_client: redis_lib.Redis,
+) -> None:
+    # A new deployment learns in its first minute, not after REFRESH_S per process.
+    now = [0.0]
+    times = GenerationTimes(redis_client, clock=lambda: now[0])
+    assert times.expected("fal", None) is None
+    for _ in range(MIN_SAMPLES):
+        times.record("fal", None, 12.0)
+    assert times.expected("fal", None) is None  # its copy, for a second
+    now[0] += 1.5
+    learned = times.expected("fal", None)
+    assert learned is not None and learned.median_s == 12.0
 
 
 def test_a_runware_row_is_first_polled_when_recent_results_were_ready(

@@ -38,8 +38,9 @@ class Wait:
     answer it was given instead of waiting for a round trip of its own.
 
     ``then_s``: how often to look again while such a gathered poll finds the work plainly
-    unfinished. The engine polls on at that pace without a step (no thread, no Redis
-    write), up to ``worker.engine.STEP_EVERY_S`` between steps."""
+    unfinished (set on a learned schedule only). The engine polls on at that pace without
+    a step (no thread, no Redis write), up to ``worker.engine.STEP_EVERY_S`` between
+    steps."""
 
     seconds: float
     watch: str | None = None

@@ -94,10 +94,14 @@ def next_wait(
     memory["polls"] = polls + 1
     store.save(memory)
     backoff = poll_delay(polls, initial_s, max_s)
+    if expected is None:
+        # Nothing learned yet (a new deployment's first minute, a speed never used): the
+        # backoff, each poll a step that may take up the schedule once there is one;
+        # except the polls that share one request for every row, which cost the same
+        # however close, and so come close from the first on.
+        return Wait(backoff, watch, gathered_short_s)
     # The pace of the polls after this one while they find it unfinished (``Wait.then_s``).
     after = poll_delay(polls + 1, initial_s, max_s)
-    if expected is None:
-        return Wait(backoff, watch, after)
     waited = time.time() - started
     wait = learned_wait(expected, waited, initial_s, max_s, backoff)
     then = learned_wait(expected, waited + wait, initial_s, max_s, after, gathered_short_s)

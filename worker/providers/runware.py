@@ -626,14 +626,15 @@ class RunwareProvider:
             return self._result(job, task_uuid, progress, direct, ctx)
         if ctx.limits is not None and polled:
             ctx.limits.keep()  # still in flight: keep the slot's lease alive
+        hooked = bool(ctx.webhook) and not self.cfg.webhook_url
         return next_wait(
             memory, ctx.memory, ctx,
             initial_s=self.cfg.poll_initial_s, max_s=self.cfg.poll_max_s,
             timeout_s=self.cfg.timeout_s, what=f"Runware task {task_uuid}",
             # With our completion webhook, the close polls are not needed: its call is the
             # signal (worker/completions.py), the backoff only the fallback.
-            expected=None if ctx.webhook and not self.cfg.webhook_url else ctx.expected,
-            watch=task_uuid, gathered_short_s=GATHERED_SHORT_S,
+            expected=None if hooked else ctx.expected,
+            watch=task_uuid, gathered_short_s=None if hooked else GATHERED_SHORT_S,
         )  # fmt: skip
 
     def _task(

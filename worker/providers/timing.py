@@ -6,7 +6,7 @@ account is paid for, and capped on, time in which nothing happens. So every resu
 finds records when it was ready (estimated from the polls around it:
 worker/providers/polling.py, ``generated``) in Redis, per provider and rendering speed,
 the last ``KEEP`` of them, shared by every worker; each process reads them at most every
-``REFRESH_S`` seconds.
+``REFRESH_S`` seconds (every second while there are too few to learn from).
 
 The policy (``learned_wait``, pure): with at least ``MIN_SAMPLES`` times known, the first
 poll comes at their low quantile (few results are ready earlier), then polls follow
@@ -29,6 +29,7 @@ KEY = "bgswap:gen:{provider}:{speed}"
 KEEP = 200
 MIN_SAMPLES = 5
 REFRESH_S = 15.0
+UNLEARNED_REFRESH_S = 1.0  # too few samples yet: they come fast at a batch's start
 SHORT_FRACTION = 0.05
 SHORT_FLOOR_S = 0.25
 # The close interval of the polls that go out gathered in one request for every row due
@@ -93,8 +94,10 @@ class GenerationTimes:
         now = self.clock()
         with self._lock:
             cached = self._cache.get(key)
-            if cached is not None and now - cached[0] < REFRESH_S:
-                return cached[1]
+            if cached is not None:
+                fresh_s = REFRESH_S if cached[1] is not None else UNLEARNED_REFRESH_S
+                if now - cached[0] < fresh_s:
+                    return cached[1]
         raw = self.client.lrange(key, 0, KEEP - 1)
         found = expected_from([float(x) for x in raw])
         with self._lock:
