@@ -61,24 +61,24 @@ def test_the_close_interval_has_a_floor_and_respects_the_configuration() -> None
 
 def test_a_wait_names_the_pace_of_the_polls_after_it() -> None:
     # The engine polls on at ``then_s`` while gathered polls say "not yet" (no step).
-    def wait(memory: dict[str, object], expected: Expected | None, **gathered: float) -> Wait:
+    def wait(memory: dict[str, object], expected: Expected | None, **close: float) -> Wait:
         ctx = ProviderContext(fetch=lambda ref, field: b"", max_image_pixels=1, memory=DictMemory())
         return next_wait(memory, ctx.memory, ctx, initial_s=1.0, max_s=10.0, timeout_s=600.0,
-                         what="t", expected=expected, watch="w", **gathered)  # fmt: skip
+                         what="t", expected=expected, watch="w", **close)  # fmt: skip
 
     learned = wait({}, EIGHT)  # just submitted: first at the low quantile, then close
     assert learned.seconds == pytest.approx(6.5, abs=0.01) and learned.then_s == 0.4
     # Unlearned: every poll is a step, which takes up the schedule once there is one.
     plain = wait({"polls": 2, "waiting_since": time.time()}, None)
     assert (plain.seconds, plain.then_s) == (2.25, None)
-    # Unless its polls share one request for every row: close from the first on.
-    cheap = wait({"polls": 2, "waiting_since": time.time()}, None, gathered_short_s=0.1)
+    # Unless the provider names a close interval (cheap polls): close from the first on.
+    cheap = wait({"polls": 2, "waiting_since": time.time()}, None, close_s=0.1)
     assert (cheap.seconds, cheap.then_s) == (2.25, 0.1)
-    # Polls that share one request for every row come close together once due...
-    shared = wait({}, EIGHT, gathered_short_s=0.1)
+    # A provider's own close interval, once due...
+    shared = wait({}, EIGHT, close_s=0.1)
     assert shared.seconds == pytest.approx(6.5, abs=0.01) and shared.then_s == 0.1
     # ...and back off as any other past the stragglers' mark.
-    late = wait({"polls": 9, "waiting_since": time.time() - 30}, EIGHT, gathered_short_s=0.1)
+    late = wait({"polls": 9, "waiting_since": time.time() - 30}, EIGHT, close_s=0.1)
     assert (late.seconds, late.then_s) == (10.0, 10.0)
 
 

@@ -79,6 +79,10 @@ REQUEST_ID_HEADER = "x-fal-request-id"
 INGRESS_STATUSES = frozenset({502, 503, 504})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 PRICE_PER_IMAGE = {"TURBO": 0.03, "BALANCED": 0.06, "QUALITY": 0.09}
+# The pace of the status polls the engine makes for a waiting row between its steps (each
+# one request): fal's own client polls a request's status every 0.1 s from its submit on
+# (fal_client ``iter_events``), so a quarter second is gentle (worker/providers/timing.py).
+CLOSE_POLL_S = 0.25
 # Model error types (422 `detail[].type`) that keep their name in error.code.
 MODEL_ERROR_TYPES = frozenset(
     {"image_too_small", "image_too_large", "image_load_error", "file_download_error"}
@@ -367,6 +371,7 @@ class FalProvider:
             # With a completion webhook its call is the signal (worker/completions.py),
             # the backoff only the fallback.
             expected=None if ctx.webhook else ctx.expected, watch=memory.get("status_url"),
+            close_s=None if ctx.webhook else CLOSE_POLL_S,
         )  # fmt: skip
 
     def cancel(self, memory: dict[str, Any]) -> bool:

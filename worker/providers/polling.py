@@ -67,7 +67,7 @@ def next_wait(
     what: str,
     expected: Expected | None = None,
     watch: str | None = None,
-    gathered_short_s: float | None = None,
+    close_s: float | None = None,
 ) -> Wait:
     """Count a poll that found the work unfinished and say when to look again: on the
     schedule learned from recent generations when there is one (``expected``,
@@ -75,9 +75,9 @@ def next_wait(
 
     Past ``timeout_s`` since the submission it raises a retryable timeout: the provider
     id stays in memory, so the next attempt polls the same request instead of paying for
-    a new one. A canceled batch stops the wait. ``gathered_short_s``: the close interval of
-    the polls after this one when the engine gathers them into shared requests
-    (``Wait.then_s``).
+    a new one. A canceled batch stops the wait. ``close_s``: the provider's own interval for
+    the polls after this one that the engine makes without steps (``Wait.then_s``),
+    learned or not: those polls cost no step, and the provider says how close they may be.
     """
     stop_if_canceled(ctx, what)
     if "waiting_since" in memory:  # this follows a poll, not the submit
@@ -97,12 +97,12 @@ def next_wait(
     if expected is None:
         # Nothing learned yet (a new deployment's first minute, a speed never used): the
         # backoff, each poll a step that may take up the schedule once there is one;
-        # except the polls that share one request for every row, which cost the same
-        # however close, and so come close from the first on.
-        return Wait(backoff, watch, gathered_short_s)
+        # unless the provider names a close interval (its polls are cheap), then close
+        # from the first on.
+        return Wait(backoff, watch, close_s)
     # The pace of the polls after this one while they find it unfinished (``Wait.then_s``).
     after = poll_delay(polls + 1, initial_s, max_s)
     waited = time.time() - started
     wait = learned_wait(expected, waited, initial_s, max_s, backoff)
-    then = learned_wait(expected, waited + wait, initial_s, max_s, after, gathered_short_s)
+    then = learned_wait(expected, waited + wait, initial_s, max_s, after, close_s)
     return Wait(wait, watch, then)

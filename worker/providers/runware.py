@@ -59,7 +59,6 @@ from worker.providers.common import (
     send,
 )
 from worker.providers.polling import generated, next_wait, stop_if_canceled
-from worker.providers.timing import GATHERED_SHORT_S
 from worker.settings import Settings
 from worker.storage import StoredObject, output_destination
 
@@ -70,6 +69,10 @@ MODEL = "ideogram:4@5"
 # (Runware takes an array of tasks per request and answers each on its own).
 POLL_BATCH = 100
 SUBMIT_BATCH = 20  # imageInference tasks per shared submit request
+# The pace of the polls the engine makes for a waiting row between its steps: a round is
+# one getResponse for every row of the process that is due, however many, so the rounds
+# come about back to back (worker/providers/timing.py).
+CLOSE_POLL_S = 0.1
 SPEEDS = {"TURBO": "TURBO", "BALANCED": "DEFAULT", "QUALITY": "QUALITY"}
 # USD per image for the estimate; the real cost comes back with includeCost. The seed
 # page shows 0.06 (default speed) and 0.09 (QUALITY); TURBO's 0.03 is fal's price.
@@ -634,7 +637,7 @@ class RunwareProvider:
             # With our completion webhook, the close polls are not needed: its call is the
             # signal (worker/completions.py), the backoff only the fallback.
             expected=None if hooked else ctx.expected,
-            watch=task_uuid, gathered_short_s=None if hooked else GATHERED_SHORT_S,
+            watch=task_uuid, close_s=None if hooked else CLOSE_POLL_S,
         )  # fmt: skip
 
     def _task(

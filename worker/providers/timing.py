@@ -11,8 +11,9 @@ the last ``KEEP`` of them, shared by every worker; each process reads them at mo
 The policy (``learned_wait``, pure): with at least ``MIN_SAMPLES`` times known, the first
 poll comes at their low quantile (few results are ready earlier), then polls follow
 each other at a short interval (a twentieth of the typical time, never under a quarter
-of a second nor under the configured first poll when that is smaller; a tenth of a second
-between the rounds of polls that share one request, ``GATHERED_SHORT_S``), until the row has
+of a second nor under the configured first poll when that is smaller; or the provider's
+own, when the engine polls its rows without steps: Runware's and fal's ``CLOSE_POLL_S``),
+until the row has
 waited twice the high quantile: past that it is a straggler and the usual backoff
 takes over. With fewer samples, the configured schedule (worker/providers/polling.py).
 """
@@ -32,10 +33,6 @@ REFRESH_S = 15.0
 UNLEARNED_REFRESH_S = 1.0  # too few samples yet: they come fast at a batch's start
 SHORT_FRACTION = 0.05
 SHORT_FLOOR_S = 0.25
-# The close interval of the polls that go out gathered in one request for every row due
-# (Runware's getResponse, from the engine: worker/engine.py): a round costs one request
-# however many rows it asks about, so rounds come about back to back.
-GATHERED_SHORT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ def learned_wait(
 ) -> float:  # fmt: skip
     """Seconds until the next poll of a row that has waited ``waited_s`` since its
     provider accepted it; ``backoff_s`` is what the configured schedule would wait;
-    ``short_s``, the provider's own close interval, if it has one (``GATHERED_SHORT_S``)."""
+    ``short_s``, the provider's own close interval, if it has one."""
     if waited_s < expected.low_s:
         return expected.low_s - waited_s
     if waited_s > 2 * expected.high_s:
