@@ -432,6 +432,7 @@ class Engine:
                     return
                 due = [(key, held) for key, held in self._due[name] if self._held.get(key) is held]
                 self._due[name] = []
+            sent = self.clock()
             try:
                 pending = provider.prefetch([h.watch for _, h in due if h.watch is not None])
             except Exception as exc:  # each row's step polls for itself instead
@@ -444,7 +445,9 @@ class Engine:
                     if self._held.get(key) is not held:
                         continue
                     if key in quiet and held.then_s is not None:
-                        self._set_timer(key, held, now + held.then_s)  # polled again, no step
+                        # Polled again, with no step, ``then_s`` after this poll went out
+                        # (not after its answer came: the pace is the provider's, not ours).
+                        self._set_timer(key, held, max(now, sent + held.then_s))
                     else:
                         held.watch = None
                         self._set_timer(key, held, now)

@@ -38,9 +38,9 @@ class Wait:
     answer it was given instead of waiting for a round trip of its own.
 
     ``then_s``: how often to look again while such a gathered poll finds the work plainly
-    unfinished (set on a learned schedule only). The engine polls on at that pace without
-    a step (no thread, no Redis write), up to ``worker.engine.STEP_EVERY_S`` between
-    steps."""
+    unfinished (the provider's close pace, worker/providers/polling.py; none when a
+    completion webhook is the signal). The engine polls on at that pace without a step
+    (no thread, no Redis write), up to ``worker.engine.STEP_EVERY_S`` between steps."""
 
     seconds: float
     watch: str | None = None
@@ -140,8 +140,9 @@ class Prefetching(Protocol):
     about every watched wait that is due, in as few requests as the provider allows, and
     keeps each answer for the row's next step, which uses it instead of a request.
 
-    It returns the watches whose answer says only "not yet" (nothing kept for them): their
-    rows need no step to learn that, and the engine polls them again (``Wait.then_s``)."""
+    It returns the watches whose answer says only "not yet": their rows need no step to
+    learn that, and the engine polls them again (``Wait.then_s``); those answers are kept
+    too, for a row the engine steps anyway."""
 
     def prefetch(self, watches: Sequence[str]) -> Collection[str]: ...
 
