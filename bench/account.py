@@ -143,6 +143,7 @@ class Measured:
     steady_rows_per_s: float  # acceptances per second in the window
     kinds: Counter[str]  # requests the fake answered, by kind
     late_s: float | None  # median: generation done -> the poll that said so
+    late_mean_s: float | None  # the same, mean (a slot's time counts every late poll)
     fetch_s: float | None  # median: that poll -> the result downloaded
     idle_s: float  # per task in the window: the slot's time without a generation
     cpu_s: float | None  # the worker's
@@ -172,6 +173,7 @@ def measure(
         steady_rows_per_s=in_window / (end - start),
         kinds=Counter(stats["kinds"]),
         late_s=statistics.median(late) if late else None,
+        late_mean_s=statistics.mean(late) if late else None,
         fetch_s=statistics.median(fetch) if fetch else None,
         idle_s=(1 - share) * cap * (end - start) / max(1, in_window),
         cpu_s=cpu,
@@ -363,7 +365,9 @@ def cap_of(provider: str) -> int:
 
 def describe(m: Measured, rows: int) -> str:
     requests = sum(n for kind, n in m.kinds.items() if kind != "source")
-    late = f"{m.late_s:.2f} s" if m.late_s is not None else "n/a"
+    late = "n/a"
+    if m.late_s is not None and m.late_mean_s is not None:
+        late = f"{m.late_s:.2f} s (mean {m.late_mean_s:.2f} s)"
     fetch = f"{m.fetch_s:.2f} s" if m.fetch_s is not None else "n/a"
     parts = [
         f"window {m.window[1] - m.window[0]:.0f} s",

@@ -444,23 +444,24 @@ class Engine:
                 for key, held in due:
                     if self._held.get(key) is not held:
                         continue
-                    if key in quiet and held.then_s is not None:
+                    then_s = quiet.get(key)
+                    if then_s is not None:
                         # Polled again, with no step, ``then_s`` after this poll went out
                         # (not after its answer came: the pace is the provider's, not ours).
-                        self._set_timer(key, held, max(now, sent + held.then_s))
+                        self._set_timer(key, held, max(now, sent + then_s))
                     else:
                         held.watch = None
                         self._set_timer(key, held, now)
                 self._cv.notify_all()
 
-    def _quiet(self, due: list[tuple[Key, Held]], pending: Collection[str]) -> set[Key]:
+    def _quiet(self, due: list[tuple[Key, Held]], pending: Collection[str]) -> dict[Key, float]:
         """The rows a gathered poll found plainly unfinished that need no step to hear it
-        (a step would only count the poll and set the next): each stepped less than
-        ``STEP_EVERY_S`` ago (its slot's lease kept, its deadline checked), still surely
-        this process's, and its batch neither canceled nor halted. Read outside the lock:
-        the flags may ask Redis."""
+        (a step would only count the poll and set the next), with the pace of their next
+        poll: each stepped less than ``STEP_EVERY_S`` ago (its slot's lease kept, its
+        deadline checked), still surely this process's, and its batch neither canceled nor
+        halted. Read outside the lock: the flags may ask Redis."""
         now = self.clock()
-        quiet: set[Key] = set()
+        quiet: dict[Key, float] = {}
         for key, held in due:
             if held.watch not in pending or held.then_s is None:
                 continue
@@ -470,7 +471,7 @@ class Engine:
                 continue
             if self._flagged(key[0], held.job.spec.provider):
                 continue
-            quiet.add(key)
+            quiet[key] = held.then_s
         return quiet
 
     def _flagged(self, batch_id: str, provider: str) -> bool:

@@ -31,6 +31,18 @@ from worker.providers.base import Memory, ProviderContext
 T = TypeVar("T")
 
 
+V = TypeVar("V")
+
+
+def fresh_only(items: dict[str, V], stamp: Callable[[V], float], oldest: float) -> dict[str, V]:
+    """``items`` without those stamped before ``oldest``, rows let go before their step
+    leave behind. Looked at only past 64 entries and when the first (the oldest) is stale:
+    most calls cost nothing."""
+    if len(items) > 64 and stamp(next(iter(items.values()))) < oldest:
+        return {k: v for k, v in items.items() if stamp(v) >= oldest}
+    return items
+
+
 class Prefetched(Generic[T]):
     """Answers fetched ahead for rows' next steps (``Prefetching``, worker/providers/base.py),
     by what each row watches. Each is taken once, and only while fresh: a row let go before
@@ -46,8 +58,7 @@ class Prefetched(Generic[T]):
         now = time.monotonic()
         with self._lock:
             self._items[key] = (now, value)
-            if len(self._items) > 64 and next(iter(self._items.values()))[0] < now - self.max_age_s:
-                self._items = {k: v for k, v in self._items.items() if v[0] >= now - self.max_age_s}
+            self._items = fresh_only(self._items, lambda item: item[0], now - self.max_age_s)
 
     def take(self, key: str) -> T | None:
         with self._lock:
@@ -60,11 +71,9 @@ class Prefetched(Generic[T]):
         """A gathered poll found ``key`` unfinished, and no step learned it: when, for the
         estimate of its generation time (worker/providers/polling.py, ``generated``)."""
         now = time.time()
-        oldest = now - self.max_age_s
         with self._lock:
             self._unready[key] = now
-            if len(self._unready) > 64 and next(iter(self._unready.values())) < oldest:
-                self._unready = {k: t for k, t in self._unready.items() if t >= oldest}
+            self._unready = fresh_only(self._unready, lambda t: t, now - self.max_age_s)
 
     def unready_at(self, key: str) -> float | None:
         """When a gathered poll last found ``key`` unfinished (wall clock), once."""

@@ -40,10 +40,9 @@ def generated(
     if not isinstance(accepted_at, int | float):
         return
     now = time.time()
-    unready = memory.get("unready_at")
-    if unready_at is not None and (not isinstance(unready, int | float) or unready_at > unready):
-        unready = unready_at
-    if isinstance(unready, int | float) and unready > accepted_at:
+    known = [t for t in (memory.get("unready_at"), unready_at) if isinstance(t, int | float)]
+    unready = max(known, default=None)
+    if unready is not None and unready > accepted_at:
         estimate = (unready + now) / 2 - accepted_at
     else:
         estimate = EARLIER * (now - accepted_at)
