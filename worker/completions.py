@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import quote
 
 import redis
@@ -101,7 +102,9 @@ class Listener:
                 self._stop.wait(RETRY_S)
 
     def _listen(self) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        # Typed from redis 8.2 on, untyped before: the cast holds for both.
+        open_pubsub = cast("Callable[..., redis.client.PubSub]", self.client.pubsub)
+        pubsub = open_pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(CHANNEL)
             while not self._stop.is_set():
