@@ -4,14 +4,15 @@ scaler reads), or that plus the rows workers hold (`bgswap_rows_held`, from /met
     python -m bench.autoscale [--rows 600] [--latency-s 4]
 
 One worker on default settings runs a batch against the fake Runware (its in-flight cap
-of 100 by default); every 0.25 s the benchmark reads the list's length, a scrape of the
-worker's metrics and the batch's counts. Work outstanding is the rows not yet terminal.
-The figure is the share of outstanding work that queue + held accounts for, averaged
-over the batch; the baseline, the same share for the list length alone. A worker adopts
-a row and acks its message at once (up to BGSWAP_WORKER_MAX_ROWS rows a process), so the
-list empties in seconds while the rows are still being worked: an autoscaler reading the
-list alone sees no work and scales the workers down under a full batch (their SIGTERM
-hands the rows back, the list fills, it scales up again).
+of 100 by default); every 0.25 s the benchmark reads the rows the list's messages carry
+(up to 100 a message), a scrape of the worker's metrics and the batch's counts. Work
+outstanding is the rows not yet terminal. The figure is the share of outstanding work
+that queue + held accounts for, averaged over the batch; the baseline, the same share for
+the list alone. A worker adopts its rows and acks their message at once (up to
+BGSWAP_WORKER_MAX_ROWS rows a process), so the list empties in seconds while the rows are
+still being worked: an autoscaler reading the list alone sees no work and scales the
+workers down under a full batch (their SIGTERM hands the rows back, the list fills, it
+scales up again).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import Baseline, free_port, report
+from bench.common import Baseline, free_port, queued_rows, report
 from bench.fake_provider import FakeProvider
 from bench.workers import (
     check_all_succeeded,
@@ -56,7 +57,8 @@ def held(port: int) -> float:
 
 def sample(url: str, port: int, batch: str, total: int, stop: threading.Event,
            out: list[tuple[float, float, float]]) -> None:  # fmt: skip
-    """(list length, rows held, rows outstanding) every 0.25 s while the batch runs."""
+    """(rows in the list's messages, rows held, rows outstanding) every 0.25 s while the
+    batch runs."""
     client = redis.Redis.from_url(url)
     store = BatchStore.from_url(url)
     while not stop.wait(0.25):
@@ -66,7 +68,7 @@ def sample(url: str, port: int, batch: str, total: int, stop: threading.Event,
         terminal = sum(counts.get(k, 0) for k in ("succeeded", "failed", "skipped", "canceled"))
         outstanding = total - terminal
         if outstanding > 0 and counts.get("queued", 0) + counts.get("running", 0) > 0:
-            out.append((float(client.llen(QUEUE)), held(port), float(outstanding)))
+            out.append((float(queued_rows(client, QUEUE)), held(port), float(outstanding)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,16 @@ that every benchmark reports the same way, and its baseline is measured in the s
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from worker.jobs import TASK_PROCESS_ROWS
 
 T = TypeVar("T")
 
@@ -109,3 +113,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def queued_rows(client: Any, queue: str) -> int:
+    """Rows the queue's messages carry: one per `bgswap.process_row`, a chunk's worth per
+    `bgswap.process_rows` (producer/publish.py)."""
+    rows = 0
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        rows += len(args[1]) if message["headers"]["task"] == TASK_PROCESS_ROWS else 1
+    return rows

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from bench.common import Baseline, Result, free_port, report, timer
+from bench.common import Baseline, Result, free_port, queued_rows, report, timer
 from producer import runner
 from producer.embedded import redis_server
 from producer.manifest import RowDefaults, read_manifest
@@ -93,12 +93,12 @@ def measure(url: str, rows: int, workdir: Path) -> Result:
     client.flushdb()
     with timer() as base:
         baseline_loop(process_row, rows)
-    assert client.llen(QUEUE) == rows, "the baseline did not enqueue every row"
+    assert queued_rows(client, QUEUE) == rows, "the baseline did not enqueue every row"
 
     client.flushdb()
     with timer() as ours:
         valid = bgswap_submit(settings, manifest, workdir)
-    assert valid == rows and client.llen(QUEUE) == rows, "bgswap did not enqueue every row"
+    assert valid == rows and queued_rows(client, QUEUE) == rows, "bgswap did not enqueue every row"
     client.flushdb()
     return report(
         "enqueue",

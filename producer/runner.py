@@ -32,8 +32,7 @@ from producer.manifest import (
     parse_set_options,
 )
 from producer.preflight import check_provider
-from producer.publish import bulk_publisher
-from producer.publish import celery_publisher as celery_publisher  # noqa: PLC0414 re-export
+from producer.publish import celery_publisher
 from producer.skips import Skipper
 from producer.staging import Stager, needs_staging
 from worker.errors import (
@@ -212,7 +211,7 @@ def submit_manifest(
     providers = provider_cache(settings)
     stage = Stager(storage, root, settings) if needs_staging(root) else None
     skipper = skipper_for(settings, root, force=force, storage=storage, providers=providers)
-    submitter = Submitter(store, bulk_publisher(app), providers, stage, skipper)
+    submitter = Submitter(store, celery_publisher(app), providers, stage, skipper)
     options = SubmitOptions(
         batch_id=batch_id or new_batch_id(),
         output=root,
@@ -254,15 +253,14 @@ def manifest_source(path: str, fmt: Format) -> dict[str, str]:
 
 
 def republish_queued(app: Any, store: BatchStore, batch_id: str) -> int:
-    """A message for every queued row of the batch (a resumed batch's queue was emptied;
+    """Messages for every queued row of the batch (a resumed batch's queue was emptied;
     where one still waits, the row's adopt takes only one of the two)."""
     stamp = int(time.time())
     messages = [
         (f"{batch_id}:{index}:resume-{stamp}", batch_id, index)
         for index in store.indices_in_state(batch_id, "queued")
     ]
-    for lo in range(0, len(messages), 500):
-        celery_publisher(app)(messages[lo : lo + 500])
+    celery_publisher(app)(messages)
     return len(messages)
 
 
@@ -385,11 +383,10 @@ def requeue_failed(store: BatchStore, batch_id: str) -> list[int]:
 
 
 def publish_retries(app: Any, batch_id: str, indices: Sequence[int]) -> None:
-    """One message for each row ``requeue_failed`` put back."""
+    """Messages for the rows ``requeue_failed`` put back."""
     stamp = int(time.time())
     messages = [(f"{batch_id}:{i}:retry-{stamp}", batch_id, i) for i in indices]
-    for lo in range(0, len(messages), 500):
-        celery_publisher(app)(messages[lo : lo + 500])
+    celery_publisher(app)(messages)
 
 
 def terminal_count(counts: dict[str, int]) -> int:

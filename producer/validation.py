@@ -2,7 +2,8 @@
 
 Each column has a small parser ``(value, defaults) -> parsed`` that raises ``InvalidField``;
 ``validate_row`` runs them all, collects every problem of the row, applies the provider's
-caps (``PROVIDER_CAPS``) and builds the ``JobSpec`` with pydantic only at the end.
+caps (its ``SPEC.caps``, worker/providers/) and builds the ``JobSpec`` with pydantic only
+at the end.
 Nothing here does I/O beyond ``os.stat`` of local image paths (no DNS, no network).
 
 Values come from CSV (always strings) or JSON Lines (strings, numbers, booleans, null,
@@ -33,8 +34,6 @@ from worker.jobs import (
     MAX_STYLE_REFERENCES,
     PALETTE_PRESETS,
     PROMPT_MAX_CHARS,
-    PROVIDER_CAPS,
-    PROVIDERS,
     QUALITY_RANGE,
     SEED_RANGE,
     STYLE_PRESETS,
@@ -47,6 +46,7 @@ from worker.jobs import (
     parse_hex_colour,
 )
 from worker.netguard import is_public_address
+from worker.providers import SPECS
 
 T = TypeVar("T")
 
@@ -62,6 +62,8 @@ OPTION_COLUMNS: tuple[str, ...] = (
 KNOWN_COLUMNS: frozenset[str] = frozenset(CORE_COLUMNS + OPTION_COLUMNS)
 _OPTION_SET = frozenset(OPTION_COLUMNS)
 
+PROVIDER_CAPS = {name: spec.caps for name, spec in SPECS.items()}
+PROVIDERS = tuple(SPECS)
 MAX_RESULTS = max(caps.max_results for caps in PROVIDER_CAPS.values())
 
 

@@ -338,7 +338,7 @@ def test_keda_scales_the_workers_on_celerys_own_list(rendered: list[dict[str, An
     auth = named(rendered, "TriggerAuthentication", redis_trigger["authenticationRef"]["name"])
     assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
     query = triggers["prometheus"]["metadata"]["query"]
-    assert query == "sum(bgswap_rows_held) + sum(bgswap_queue_messages)"
+    assert query == "sum(bgswap_rows_held) + 100 * sum(bgswap_queue_messages)"
     from worker.metrics import series_names
 
     assert metric_names(query) <= series_names()

@@ -1,8 +1,11 @@
-"""Bulk publishing (producer/publish.py): messages pushed a chunk at a time are the ones
-`send_task` would push, and a real Celery worker runs them -- over TCP and a unix socket."""
+"""Publishing (producer/publish.py): one Celery message per chunk of a batch's rows, sent
+with `send_task`, which a real Celery worker runs -- over TCP and a unix socket; a worker
+without room gives the rest of a chunk back in one message."""
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,25 +14,22 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from celery import Celery
 from celery.signals import before_task_publish, task_prerun
 
-import worker.tasks  # noqa: F401 - registers the tasks
+import worker.tasks
 from examples.make_examples import product_shot
 from producer import runner
 from producer.batch import SubmitOptions, Submitter, output_root
 from producer.embedded import broker_url_for, inprocess_worker, redis_server
 from producer.manifest import RowDefaults, read_manifest
-from producer.publish import Message, bulk_publisher, capture, make_template
+from producer.publish import CHUNK_ROWS, Message, celery_publisher, chunks, rows_per_message
 from worker import runtime
 from worker.celery_app import app, apply_config
-from worker.jobs import TASK_PROCESS_ROW, safe_id
+from worker.jobs import TASK_PROCESS_ROWS, safe_id
 from worker.settings import Settings
 from worker.state import BatchStore
 
 QUEUE = "bgswap"
-# kombu's Redis list for a priority step other than 0: queue + sep + step.
-PRIORITY_3_LIST = QUEUE + "\x06\x16" + "3"
 
 
 def reset_broker_pools() -> None:
@@ -80,15 +80,7 @@ def pop_all(client: redis_lib.Redis, key: str = QUEUE) -> list[bytes]:
     return out
 
 
-def without_delivery_tag(raw: bytes) -> tuple[bytes, str]:
-    """The message bytes with the delivery tag (a fresh uuid per publish) blanked."""
-    tag = json.loads(raw)["properties"]["delivery_tag"]
-    return raw.replace(tag.encode(), b"TAG"), tag
-
-
-def test_a_worker_runs_bulk_published_rows_under_their_job_ids(
-    celery: Settings, tmp_path: Path
-) -> None:
+def test_a_worker_runs_each_published_row_once(celery: Settings, tmp_path: Path) -> None:
     for n, kind in enumerate(["box", "bottle", "mug", "ring"]):
         product_shot(kind, (64, 48), (240, 240, 240), n).save(tmp_path / f"{kind}.png")
     (tmp_path / "m.csv").write_text(
@@ -100,17 +92,17 @@ def test_a_worker_runs_bulk_published_rows_under_their_job_ids(
     store = BatchStore.from_url(celery.effective_redis_url)
     defaults = RowDefaults(base_dir=tmp_path)
     published: list[Message] = []
-    bulk = bulk_publisher(app)
+    bulk = celery_publisher(app)
 
     def publish(messages: Any) -> None:
         published.extend(messages)
         bulk(messages)
 
-    ran: list[str] = []
+    ran: list[tuple[str, Any]] = []
 
-    def on_prerun(sender: Any = None, task_id: str = "", **_: Any) -> None:
-        if sender is not None and sender.name == TASK_PROCESS_ROW:
-            ran.append(task_id)
+    def on_prerun(sender: Any = None, task_id: str = "", args: Any = (), **_: Any) -> None:
+        if sender is not None and sender.name == TASK_PROCESS_ROWS:
+            ran.append((task_id, list(args)))
 
     submitter = Submitter(store, publish, runner.provider_cache(celery))
     options = SubmitOptions(
@@ -134,83 +126,89 @@ def test_a_worker_runs_bulk_published_rows_under_their_job_ids(
     ]
     job_ids = [f"bulk1:{safe_id(i)}" for i in ("a/1", "b 2", "c", "e")]
     assert [m[0] for m in published] == job_ids
-    assert sorted(ran) == sorted(job_ids)  # each row ran once, under its deterministic id
-
-
-def other_app(broker_url: str, **conf: Any) -> Celery:
-    """A second Celery app on the same queue, for configurations bgswap does not use."""
-    other = Celery("other", set_as_current=False)
-    other.conf.update(
-        broker_url=broker_url, task_default_queue=QUEUE, task_serializer="json", **conf
+    # A batch this small goes out a row a message (it spreads over the workers), each
+    # under its row's deterministic id, each run once.
+    assert sorted(ran) == sorted(
+        (job_id, ["bulk1", [index]]) for job_id, index in zip(job_ids, [0, 1, 2, 4], strict=True)
     )
-    return other
 
 
-@pytest.mark.parametrize("priority", [None, 3])
-def test_a_bulk_message_is_the_message_send_task_pushes(
-    celery: Settings, broker: tuple[str, str], priority: int | None
-) -> None:
+def test_a_batch_goes_out_in_chunks_that_still_spread_over_the_workers() -> None:
+    assert [rows_per_message(n) for n in (1, 12, 40, 500, 100_000)] == [1, 1, 5, 62, CHUNK_ROWS]
+    rows = [(f"a:{i}", "a", i) for i in range(205)]
+    rows += [("b:0", "b", 0), ("a:x", "a", 900)]
+    sent = chunks(rows)
+    assert [(task_id, batch) for task_id, batch, _ in sent] == [
+        *((f"a:{25 * k}+24", "a") for k in range(8)),
+        ("a:200+4", "a"),
+        ("b:0", "b"),  # one row: its own id
+        ("a:x", "a"),
+    ]
+    assert [i for _, _, indices in sent for i in indices] == [m[2] for m in rows]
+    assert len(chunks([(f"c:{i}", "c", i) for i in range(12)])) == 12  # 1 a message
+
+
+def test_a_chunk_is_one_celery_message_on_the_broker(celery: Settings) -> None:
     client = redis_lib.Redis.from_url(celery.effective_redis_url)
-    routes = {TASK_PROCESS_ROW: {"priority": priority}}
-    sender = app if priority is None else other_app(broker[0], task_routes=routes)
-    # A batch id with a quote, a backslash and non-ASCII: JSON and argsrepr escaping.
-    rows = [("b'\\é:row-1", "b'\\é", 1), ("b'\\é:row-2", "b'\\é", 20_000)]
-    bulk_publisher(sender)(rows)
-    for job_id, batch_id, index in rows:
-        sender.send_task(TASK_PROCESS_ROW, args=(batch_id, index), task_id=job_id)
-    # Priority 0 is kombu's plain queue name; another step gets its own list.
-    key = QUEUE if priority is None else PRIORITY_3_LIST
-    assert client.llen(key) == 4 and client.keys("bgswap*") == [key.encode()]
-    first, second, sent_first, sent_second = pop_all(client, key)
-    for bulk, sent in ((first, sent_first), (second, sent_second)):
-        (bulk_bytes, bulk_tag), (sent_bytes, sent_tag) = map(without_delivery_tag, (bulk, sent))
-        assert bulk_bytes == sent_bytes  # byte for byte, but for the delivery tag
-        assert bulk_tag != sent_tag and len(bulk_tag) == len(sent_tag) == 36
-    message = json.loads(second)
-    assert message["headers"]["id"] == message["headers"]["root_id"] == "b'\\é:row-2"
-    assert message["headers"]["argsrepr"] == "('b\\'\\é', 20000)"
-    assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": QUEUE}
-    assert message["properties"]["priority"] == (priority or 0)
-
-
-def test_a_compressed_body_is_not_spliced_but_sent_by_send_task(
-    celery: Settings, broker: tuple[str, str]
-) -> None:
-    client = redis_lib.Redis.from_url(celery.effective_redis_url)
-    bulk_publisher(other_app(broker[0], task_compression="zlib"))([("z:1", "z", 1)])
-    (raw,) = pop_all(client)
-    message = json.loads(raw)
-    assert message["headers"]["compression"] == "application/x-gzip"
-    assert message["headers"]["id"] == "z:1"
-
-
-def test_the_template_is_refused_when_its_copy_of_the_probe_differs(celery: Settings) -> None:
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
-        queue, message = capture(app, channel)
-        assert make_template(app, channel, queue, message) is not None
-        message["headers"]["argsrepr"] += " "  # anything the copy would not reproduce
-        assert make_template(app, channel, queue, message) is None
-    # the probe never reaches the queue
-    assert redis_lib.Redis.from_url(celery.effective_redis_url).llen(QUEUE) == 0
-
-
-def test_publish_signal_receivers_get_one_send_task_per_row(celery: Settings) -> None:
     seen: list[str] = []
 
     def on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
         seen.append((headers or {})["id"])
 
+    # A batch id with a quote, a backslash and non-ASCII: JSON escaping is Celery's own.
+    rows = [(f"b'\\é:row-{i}", "b'\\é", i) for i in range(16)]  # 2 a message
     before_task_publish.connect(on_publish, weak=False)
     try:
-        bulk_publisher(app)([("s:1", "s", 1), ("s:2", "s", 2)])
+        celery_publisher(app)(rows)
     finally:
         before_task_publish.disconnect(on_publish)
-    assert seen == ["s:1", "s:2"]  # and never the probe
-    assert redis_lib.Redis.from_url(celery.effective_redis_url).llen(QUEUE) == 2
+    # publish signal receivers see every message
+    assert seen == [f"b'\\é:row-{i}+1" for i in range(0, 16, 2)]
+    first, *rest = pop_all(client)
+    message = json.loads(first)
+    assert message["headers"]["task"] == TASK_PROCESS_ROWS
+    assert message["headers"]["id"] == "b'\\é:row-0+1"
+    body = json.loads(base64.b64decode(message["body"]))
+    assert body[0] == ["b'\\é", [0, 1]]
+    assert len(rest) == 7
 
 
-def test_a_broker_other_than_redis_publishes_with_send_task() -> None:
-    other = Celery("other", broker="amqp://guest@127.0.0.1:1//")
-    publish = bulk_publisher(other)  # does not connect
-    assert publish.__qualname__ == "celery_publisher.<locals>.publish"
+def test_a_worker_without_room_gives_the_rest_of_a_chunk_back_together(
+    broker: tuple[str, str], tmp_path: Path
+) -> None:
+    # Room for one row at a time: a delivery keeps what it has room for at once (its
+    # first row waits for room) and gives the rest back, in one message.
+    for n in range(3):
+        product_shot("box", (900, 700), (240, 240, 240), n).save(tmp_path / f"{n}.png")
+    (tmp_path / "m.csv").write_text(
+        "id,image,prompt\n" + "".join(f"r{n},{n}.png,p\n" for n in range(3))
+    )
+    delivered: list[list[int]] = []
+
+    def on_prerun(sender: Any = None, args: Any = (), **_: Any) -> None:
+        if sender is not None and sender.name == TASK_PROCESS_ROWS:
+            delivered.append(list(args[1]))
+
+    with celery_on(*broker) as shared:
+        settings = shared.model_copy(update={"worker_max_rows": 1})
+        runtime.configure(settings)
+        store = BatchStore.from_url(settings.effective_redis_url)
+        defaults = RowDefaults(base_dir=tmp_path)
+        # Recorded, not published: the three go out below as one message.
+        submitter = Submitter(store, lambda _: None, runner.provider_cache(settings))
+        options = SubmitOptions(
+            batch_id="room1", output=output_root(str(tmp_path / "out")), defaults=defaults
+        )
+        task_prerun.connect(on_prerun, weak=False)
+        try:
+            with inprocess_worker(app), (tmp_path / "m.csv").open("rb") as fh:
+                submitter.submit(read_manifest(fh, "csv", defaults), options)
+                worker.tasks.republish_rows("room1", [0, 1, 2])
+                meta = runner.wait_for_batch(store, "room1", lambda c, t: None, timeout_s=60)
+        finally:
+            task_prerun.disconnect(on_prerun)
+    lines = [json.loads(x) for x in Path(meta["manifest_url"]).read_text().splitlines()]
+    assert [(x["id"], x["status"]) for x in lines] == [(f"r{n}", "succeeded") for n in range(3)]
+    assert delivered[0] == [0, 1, 2] and len(delivered) >= 2
+    for before, after in itertools.pairwise(delivered):
+        assert before[-len(after) :] == after  # what was given back: the rest, in order

@@ -326,7 +326,7 @@ def process_callbacks(
     nudge: Callable[[str, float], None],
 ) -> Callbacks:
     """This worker process's sender (built on first use, one HTTP client)."""
-    global _process  # noqa: PLW0603 - one per process, like worker/runtime.py's
+    global _process  # noqa: PLW0603 - one per process, like worker/runtime.py's context
     with _lock:
         if _process is None or _process.settings is not settings:
             _process = Callbacks(settings, store, rand=rand, nudge=nudge)

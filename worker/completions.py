@@ -31,12 +31,14 @@ from urllib.parse import quote
 
 import redis
 
+from worker.providers import SPECS
 from worker.settings import Settings
 
 log = logging.getLogger("bgswap.completions")
 
 CHANNEL = "bgswap:completions"
-PROVIDERS = frozenset({"runware", "fal"})
+# The providers that can call a completion webhook (their SPEC says).
+PROVIDERS = frozenset(name for name, spec in SPECS.items() if spec.webhooks)
 RETRY_S = 1.0  # a listener that lost Redis subscribes again after this long
 
 

@@ -1,9 +1,9 @@
 """What a job is: the validated, provider-neutral form of one manifest row.
 
 The enums and ranges come from the two seed pages (Runware ``ideogram:4@5`` and
-fal ``fal-ai/ideogram/v3/replace-background``); per-provider differences live in
-``PROVIDER_CAPS`` so that validation refuses, before anything is paid, what the
-chosen provider would refuse.
+fal ``fal-ai/ideogram/v3/replace-background``); per-provider differences are each
+provider's ``ProviderCaps`` (its ``SPEC``, worker/providers/) so that validation refuses,
+before anything is paid, what the chosen provider would refuse.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ProviderName = Literal["runware", "fal", "local"]
 RenderingSpeed = Literal["TURBO", "BALANCED", "QUALITY"]
 MagicPrompt = Literal["AUTO", "ON", "OFF"]
 StyleType = Literal["AUTO", "GENERAL", "REALISTIC", "DESIGN", "RENDER_3D", "ANIME", "FICTION"]
 OutputFormat = Literal["JPG", "PNG", "WEBP"]
 
-PROVIDERS: tuple[str, ...] = ("runware", "fal", "local")
 STYLE_TYPES: tuple[str, ...] = (
     "AUTO", "GENERAL", "REALISTIC", "DESIGN", "RENDER_3D", "ANIME", "FICTION",
 )  # fmt: skip
@@ -62,26 +60,6 @@ class ProviderCaps:
     generative: bool = True
 
 
-PROVIDER_CAPS: dict[str, ProviderCaps] = {
-    "runware": ProviderCaps(
-        max_results=20, style_types=frozenset(STYLE_TYPES), color_palette=False, seed=False
-    ),
-    "fal": ProviderCaps(
-        max_results=8,
-        style_types=frozenset({"AUTO", "GENERAL", "REALISTIC", "DESIGN"}),
-        color_palette=True,
-        seed=True,
-    ),
-    "local": ProviderCaps(
-        max_results=1,
-        style_types=frozenset(STYLE_TYPES),
-        color_palette=True,
-        seed=True,
-        generative=False,
-    ),
-}
-
-
 class PaletteMember(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     rgb: tuple[int, int, int]
@@ -105,7 +83,7 @@ class JobSpec(BaseModel):
     image: str
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
     output: str | None = None
-    provider: ProviderName = "local"
+    provider: str = "local"  # a name in worker/providers' registry (validation checks)
     rendering_speed: RenderingSpeed | None = None
     magic_prompt: MagicPrompt | None = None
     style_type: StyleType | None = None
@@ -166,6 +144,7 @@ def job_id(batch_id: str, row_id: str) -> str:
 
 # Celery task names: the producer publishes by name, without importing the worker's app.
 TASK_PROCESS_ROW = "bgswap.process_row"
+TASK_PROCESS_ROWS = "bgswap.process_rows"  # a chunk of one batch's rows (producer/publish.py)
 TASK_FINALIZE_BATCH = "bgswap.finalize_batch"
 TASK_DELIVER_CALLBACK = "bgswap.deliver_callback"
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -45,6 +45,9 @@ from worker.ratelimit.backends.redis import (
     RedisSemaphore,
 )
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.providers.base import Account
 
 T = TypeVar("T")
 
@@ -223,35 +226,36 @@ def redis_backends(loop: BackgroundLoop, redis_url: str) -> Backends:
 def in_flight(settings: Settings, client: Any) -> list[tuple[str, float, float | None]]:
     """(provider, requests in flight on its account, the cap) for the metrics: the live
     leases of the account's semaphore, read with Redis's clock as the limiter does."""
+    from worker.providers import SPECS  # noqa: PLC0415 - the providers import this module
+
     seconds, micros = client.time()
     now_us = int(seconds) * 1_000_000 + int(micros)
     found: list[tuple[str, float, float | None]] = []
-    for provider, cap in (
-        ("runware", settings.runware_max_in_flight),
-        ("fal", settings.fal_max_in_flight),
-    ):
-        key = settings.provider_key(provider)
-        name = limit_key(provider, key.get_secret_value() if key else None)
+    for provider, spec in SPECS.items():
+        if spec.account is None:
+            continue
+        cap = spec.account.max_in_flight(settings)
+        name = account_key(provider, spec.account, settings)
         count = client.zcount(f"{DEFAULT_PREFIX}sem:{name}", f"({now_us}", "+inf")
         found.append((provider, float(count), float(cap) if cap is not None else None))
     return found
 
 
+def account_key(provider: str, account: Account, settings: Settings) -> str:
+    """The name the account's limits are kept under: the provider and its key's hash."""
+    key = account.key(settings)
+    return limit_key(provider, key.get_secret_value() if key else None)
+
+
 def provider_limits(
-    settings: Settings, provider: str, loop: BackgroundLoop, backends: Backends
-) -> ProviderLimits | None:
-    """The limits configured for a paid provider (None for free ones)."""
-    if provider == "runware":
-        rate, cap = settings.runware_rate, settings.runware_max_in_flight
-    elif provider == "fal":
-        rate, cap = settings.fal_rate, settings.fal_max_in_flight
-    else:
-        return None
-    key = settings.provider_key(provider)
+    settings: Settings, provider: str, account: Account, loop: BackgroundLoop, backends: Backends
+) -> ProviderLimits:
+    """The limits configured for a paid provider's account."""
+    rate = account.rate(settings)
     return ProviderLimits(
         loop=loop,
         backends=backends,
-        key=limit_key(provider, key.get_secret_value() if key else None),
+        key=account_key(provider, account, settings),
         rate=parse_rate(rate) if rate else None,
-        max_in_flight=cap,
+        max_in_flight=account.max_in_flight(settings),
     )

@@ -15,6 +15,7 @@ read from Redis and the broker at scrape time by the serving process, not counte
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 _DIR = "PROMETHEUS_MULTIPROC_DIR"
 if os.environ.get("BGSWAP_METRICS_PORT") and not os.environ.get(_DIR):
@@ -39,8 +40,6 @@ from prometheus_client import (  # noqa: E402 - after the folder is chosen, on p
 )
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
-
-from worker.jobs import ProviderName  # noqa: E402
 
 # Request round trips: tens of milliseconds to a provider's two-minute submit timeout.
 _LATENCY = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -110,7 +109,6 @@ API_DURATION = Histogram(
     buckets=_LATENCY,
 )
 
-PROVIDERS = frozenset(get_args(ProviderName))
 STATUSES = frozenset({"succeeded", "failed", "skipped", "canceled"})
 _CODE = re.compile(r"(?:[a-z_]+\.[a-z_]+)?")  # bgswap's codes: input.missing_field
 
@@ -177,12 +175,20 @@ def timed_request(provider: str, kind: str) -> Iterator[None]:
     request_done(provider, kind, 200, time.monotonic() - started)
 
 
+@functools.cache
+def providers() -> frozenset[str]:
+    """The registry's names (label values); read late: the providers import this module."""
+    from worker.providers import SPECS  # noqa: PLC0415
+
+    return frozenset(SPECS)
+
+
 def row_finished(record: dict[str, Any]) -> None:
     """A terminal row. A refused row's provider is whatever its manifest said: only the
     providers bgswap has become label values (anything else is ``other``), as only
     bgswap's own statuses and error codes do."""
     provider = str(record.get("provider") or "")
-    provider = provider if provider in PROVIDERS else "other"
+    provider = provider if provider in providers() else "other"
     status = str(record.get("status"))
     status = status if status in STATUSES else "other"
     error = record.get("error") or {}

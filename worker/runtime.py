@@ -1,4 +1,5 @@
-"""Per-process wiring: settings -> the resources a worker holds for its whole life."""
+"""Per-process wiring: one ``WorkerContext`` holds what a worker process keeps for its whole
+life (settings, the resources built from them, the engine), made at worker start."""
 
 from __future__ import annotations
 
@@ -11,64 +12,116 @@ from worker.engine import Engine
 from worker.fetch import SourceFetcher
 from worker.limits import BackgroundLoop, ProviderLimits, provider_limits, redis_backends
 from worker.pipeline import Deps
+from worker.providers import SPECS
 from worker.settings import Settings, get_settings
 from worker.state import BatchStore
 from worker.storage import Storage
 
+
+class WorkerContext:
+    """A worker process's settings and how it publishes (the finalizer of a batch it
+    completed, a row's message), and what is built from them on first use: the
+    resources (``Deps``) and the engine (worker/engine.py). Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_complete: Callable[[str], None] | None = None,
+        republish: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_complete = on_complete
+        self.republish = republish
+        self._lock = threading.Lock()
+        self._deps: Deps | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def deps(self) -> Deps:
+        with self._lock:
+            if self._deps is None:
+                if self.on_complete is None:
+                    raise RuntimeError(NOT_STARTED)
+                self._deps = build_deps(self.settings, self.on_complete)
+            return self._deps
+
+    @property
+    def engine(self) -> Engine:
+        """This process's engine, started on first use."""
+        deps = self.deps
+        with self._lock:
+            if self._engine is None:
+                if self.republish is None:
+                    raise RuntimeError(NOT_STARTED)
+                self._engine = Engine(
+                    deps,
+                    self.republish,
+                    threads=deps.settings.worker_concurrency,
+                    max_rows=deps.settings.worker_max_rows,
+                )
+            return self._engine
+
+    def close(self) -> int:
+        """Warm shutdown: hand the engine's held rows back to the queue; returns how many.
+        The resources stay: a finalizer or callback may still run in this process."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is None:
+            return 0
+        return engine.close(engine.deps.settings.shutdown_wait_s)
+
+
+# The one context of this process: worker/tasks.py starts it when the worker's tasks are
+# loaded; ``configure`` replaces its settings (embedded runs, tests), in either order.
+NOT_STARTED = "worker.runtime.start(...) was never called (import worker.tasks)"
 _lock = threading.Lock()
-_deps: Deps | None = None
-_settings: Settings | None = None
-_on_complete: Callable[[str], None] | None = None
-_republish: Callable[[str, int], None] | None = None
-_engine: Engine | None = None
+_context: WorkerContext | None = None
+
+
+def start(on_complete: Callable[[str], None], republish: Callable[[str, int], None]) -> None:
+    """Make this process's context: how it publishes, on the settings configured or the
+    environment's (a worker's start)."""
+    _swap(
+        lambda old: WorkerContext(old.settings if old else get_settings(), on_complete, republish)
+    )
 
 
 def configure(settings: Settings) -> None:
-    """Replace the process's settings (embedded runs, tests); resources are rebuilt lazily
-    (an engine running with the old ones hands its rows back first)."""
-    global _deps, _settings  # noqa: PLW0603 - one wiring point per process
-    close_engine()
-    with _lock:
-        _settings = settings
-        _deps = None
+    """Replace the process's settings (embedded runs, tests); an engine running with the
+    old ones hands its rows back first, and resources are rebuilt on first use."""
+    _swap(lambda old: WorkerContext(settings, *((old.on_complete, old.republish) if old else ())))
 
 
-def set_publishers(
-    on_complete: Callable[[str], None], republish: Callable[[str, int], None]
-) -> None:
-    """How a worker enqueues the finalizer of a batch it completed, and a row's message."""
-    global _deps, _on_complete, _republish  # noqa: PLW0603
+def _swap(make: Callable[[WorkerContext | None], WorkerContext]) -> None:
+    global _context  # noqa: PLW0603 - one context per process
     with _lock:
-        _on_complete = on_complete
-        _republish = republish
-        _deps = None
+        old = _context
+    if old is not None:
+        old.close()
+    with _lock:
+        _context = make(old)
+
+
+def context() -> WorkerContext:
+    with _lock:
+        if _context is None:
+            raise RuntimeError(NOT_STARTED)
+        return _context
+
+
+def get_deps() -> Deps:
+    return context().deps
 
 
 def get_engine() -> Engine:
-    """This process's engine (worker/engine.py), started on first use."""
-    global _engine  # noqa: PLW0603
-    deps = get_deps()
-    with _lock:
-        if _engine is None:
-            if _republish is None:
-                raise RuntimeError("worker.runtime.set_publishers(...) was never called")
-            _engine = Engine(
-                deps,
-                _republish,
-                threads=deps.settings.worker_concurrency,
-                max_rows=deps.settings.worker_max_rows,
-            )
-        return _engine
+    return context().engine
 
 
 def close_engine() -> int:
-    """Warm shutdown: hand the engine's held rows back to the queue; returns how many."""
-    global _engine
+    """Warm shutdown of this process's engine (its held rows go back to the queue)."""
     with _lock:
-        engine, _engine = _engine, None
-    if engine is None:
-        return 0
-    return engine.close(engine.deps.settings.shutdown_wait_s)
+        current = _context
+    return 0 if current is None else current.close()
 
 
 def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]:
@@ -80,7 +133,9 @@ def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]
     def get(provider: str) -> ProviderLimits | None:
         with lock:
             if provider not in built:
-                if provider not in ("runware", "fal"):
+                spec = SPECS.get(provider)
+                account = spec.account if spec is not None else None
+                if account is None:
                     built[provider] = None
                 else:
                     if "backends" not in state:
@@ -89,7 +144,7 @@ def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]
                             state["loop"], settings.effective_redis_url
                         )
                     built[provider] = provider_limits(
-                        settings, provider, state["loop"], state["backends"]
+                        settings, provider, account, state["loop"], state["backends"]
                     )
             return built[provider]
 
@@ -106,13 +161,3 @@ def build_deps(settings: Settings, on_complete: Callable[[str], None]) -> Deps:
         rand=random.SystemRandom().random,
         limits=limits_factory(settings),
     )
-
-
-def get_deps() -> Deps:
-    global _deps  # noqa: PLW0603
-    with _lock:
-        if _deps is None:
-            if _on_complete is None:
-                raise RuntimeError("worker.runtime.set_publishers(...) was never called")
-            _deps = build_deps(_settings or get_settings(), _on_complete)
-        return _deps

@@ -288,9 +288,6 @@ class Settings(BaseSettings):
             f"BGSWAP_REDIS_URL is required when the broker is not Redis ({scheme}://...)"
         )
 
-    def provider_key(self, provider: str) -> SecretStr | None:
-        return {"runware": self.runware_api_key, "fal": self.fal_key}.get(provider)
-
 
 _KNOWN = {f"BGSWAP_{name.upper()}" for name in Settings.model_fields}
 

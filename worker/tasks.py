@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import beat_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from worker import callbacks, heartbeats, metrics
+from worker import callbacks, heartbeats, metrics, runtime
 from worker.celery_app import QUEUE, app
 from worker.celery_app import queue_depth as celery_queue_depth
 from worker.errors import BgswapError, UsageError
@@ -18,11 +18,12 @@ from worker.jobs import (
     TASK_DELIVER_CALLBACK,
     TASK_FINALIZE_BATCH,
     TASK_PROCESS_ROW,
+    TASK_PROCESS_ROWS,
     finalize_task_id,
 )
 from worker.limits import in_flight
 from worker.pipeline import fail_batch, finalize
-from worker.runtime import close_engine, get_deps, get_engine, set_publishers
+from worker.runtime import close_engine, get_deps, get_engine
 from worker.schedules import TASK_TICK
 from worker.settings import Settings
 from worker.watchdog import Watchdog
@@ -31,6 +32,7 @@ from worker.watchdog import Watchdog
 # to the queue (for a process with room): far below the visibility timeout.
 ADOPT_WAIT_S = 20.0
 SCRAPE_TIMEOUT_S = 3.0
+log = logging.getLogger("bgswap.worker")
 
 
 # The message only hands the row to this process's engine (worker/engine.py), which
@@ -39,6 +41,26 @@ SCRAPE_TIMEOUT_S = 3.0
 def process_row(batch_id: str, index: int) -> None:
     if not get_engine().adopt(batch_id, index, ADOPT_WAIT_S):
         republish(batch_id, index)
+
+
+# What the producer publishes (producer/publish.py): rows of one batch, adopted in turn.
+# Only the first waits for room (a process that has none for it gives the message back
+# after ADOPT_WAIT_S, not at once: no message bounces between full workers); the rows this
+# process has no room for then go back to the queue together, at once, for another
+# process. A row whose adoption fails (Redis away) is left queued in its record, where
+# the watchdog finds it, as a failed one-row message left it; the others go on.
+@app.task(name=TASK_PROCESS_ROWS, ignore_result=True)  # type: ignore[untyped-decorator]
+def process_rows(batch_id: str, indices: list[int]) -> None:
+    engine = get_engine()
+    for n, index in enumerate(indices):
+        try:
+            adopted = engine.adopt(batch_id, index, ADOPT_WAIT_S if n == 0 else 0.0)
+        except Exception as exc:
+            log.error("row %d of %s not adopted: %s", index, batch_id, type(exc).__name__)
+            continue
+        if not adopted:
+            republish_rows(batch_id, indices[n:])
+            return
 
 
 # A manifest that cannot be written after this many tries fails its batch (the storage
@@ -126,6 +148,10 @@ def republish(batch_id: str, index: int) -> None:
     process_row.apply_async(args=(batch_id, index))
 
 
+def republish_rows(batch_id: str, indices: list[int]) -> None:
+    process_rows.apply_async(args=(batch_id, indices))
+
+
 def queue_depth() -> int:
     """Messages waiting in the row queue (Redis or AMQP, through kombu)."""
     return celery_queue_depth()
@@ -186,4 +212,5 @@ def _hand_back(**_: Any) -> None:
         heartbeats.stopped(get_deps().store.redis)
 
 
-set_publishers(enqueue_finalize, republish)
+# This process's worker context: how what it runs publishes (worker/runtime.py).
+runtime.start(enqueue_finalize, republish)

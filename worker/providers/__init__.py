@@ -1,52 +1,54 @@
-"""Provider registry: an explicit name -> factory table, no import-time magic."""
+"""Provider registry: every provider's ``SPEC`` (worker/providers/base.py), listed here
+explicitly, no import-time magic. A new provider is its module and one line below."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pydantic import SecretStr
 
 from worker.errors import UsageError
-from worker.providers.base import Provider
-from worker.providers.fal import FalProvider
-from worker.providers.local import LocalProvider
-from worker.providers.runware import RunwareProvider
+from worker.providers import fal, local, runware
+from worker.providers.base import Provider, ProviderSpec
 from worker.settings import Settings
 
-REGISTRY: dict[str, Callable[[Settings], Provider]] = {
-    "local": lambda settings: LocalProvider(),
-    "runware": RunwareProvider,
-    "fal": FalProvider,
-}
-
-
-# The environment variable each paid provider's key comes from (Settings reads them).
-KEY_VARIABLES: dict[str, str] = {"runware": "RUNWARE_API_KEY", "fal": "FAL_KEY"}
+SPECS: dict[str, ProviderSpec] = {s.name: s for s in (runware.SPEC, fal.SPEC, local.SPEC)}
+# Tried in this order for a default, when their key is set.
+PAID = tuple(name for name, spec in SPECS.items() if spec.account is not None)
 
 
 def available() -> list[str]:
-    return sorted(REGISTRY)
+    return sorted(SPECS)
 
 
-def missing_key(name: str, settings: Settings) -> str | None:
-    """The variable a provider's key is missing from here, or None (set, or none needed)."""
-    variable = KEY_VARIABLES.get(name)
-    if variable is None or settings.provider_key(name) is not None:
-        return None
-    return variable
-
-
-def get_provider(name: str, settings: Settings) -> Provider:
+def spec_for(name: str) -> ProviderSpec:
     try:
-        factory = REGISTRY[name]
+        return SPECS[name]
     except KeyError:
         raise UsageError(
             f"provider {name!r} is not available (available: {', '.join(available())})"
         ) from None
-    return factory(settings)
+
+
+def provider_key(name: str, settings: Settings) -> SecretStr | None:
+    """A paid provider's account key, as set (None: unset, or a free provider)."""
+    account = SPECS[name].account if name in SPECS else None
+    return account.key(settings) if account is not None else None
+
+
+def missing_key(name: str, settings: Settings) -> str | None:
+    """The variable a provider's key is missing from here, or None (set, or none needed)."""
+    account = SPECS[name].account if name in SPECS else None
+    if account is None or account.key(settings) is not None:
+        return None
+    return account.key_variable
+
+
+def get_provider(name: str, settings: Settings) -> Provider:
+    return spec_for(name).make(settings)
 
 
 def default_provider(settings: Settings) -> str:
-    """A paid provider when its key is set and it is registered, else `local`."""
-    for name in ("runware", "fal"):
-        if name in REGISTRY and settings.provider_key(name) is not None:
+    """A paid provider when its key is set, else `local`."""
+    for name in PAID:
+        if provider_key(name, settings) is not None:
             return name
     return "local"

@@ -7,9 +7,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from worker.jobs import Job, JobSpec
+from pydantic import SecretStr
+
+from worker.jobs import Job, JobSpec, ProviderCaps
 from worker.limits import Deferred, RowLimits
 from worker.providers.timing import Expected
+from worker.settings import Settings
 from worker.storage import Storage, StoredObject
 
 
@@ -132,6 +135,34 @@ class Provider(Protocol):
         until the account's limits may let its paid request go. Raises a
         worker.errors.BgswapError."""
         ...
+
+
+def no_key(settings: Settings) -> SecretStr | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Account:
+    """A paid provider's account, as the one Settings object configures it."""
+
+    key_variable: str  # the environment variable its key comes from (README)
+    key: Callable[[Settings], SecretStr | None]
+    rate: Callable[[Settings], str | None]  # BGSWAP_<NAME>_RATE, e.g. "20/s"
+    max_in_flight: Callable[[Settings], int | None]  # BGSWAP_<NAME>_MAX_IN_FLIGHT
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """All bgswap knows of a provider besides its code, declared in its own module: a new
+    provider is one file in worker/providers/ and its line in the registry there."""
+
+    name: str
+    caps: ProviderCaps  # what validation lets through to it (worker/jobs.py)
+    make: Callable[[Settings], Provider]
+    # None: free (no key, no limits); else the account its limits are kept per.
+    account: Account | None = None
+    # Whether it can call a completion webhook (worker/completions.py).
+    webhooks: bool = False
 
 
 @runtime_checkable

@@ -56,9 +56,16 @@ from worker.errors import (
 )
 from worker.fetch import parse_retry_after
 from worker.imaging import decode_image, encode_image
-from worker.jobs import CONTENT_TYPES, EXTENSIONS, ColorPalette, Job, JobSpec
+from worker.jobs import CONTENT_TYPES, EXTENSIONS, ColorPalette, Job, JobSpec, ProviderCaps
 from worker.limits import Deferred
-from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
+from worker.providers.base import (
+    Account,
+    OutputImage,
+    ProviderContext,
+    ProviderResult,
+    ProviderSpec,
+    Wait,
+)
 from worker.providers.common import (
     Prefetched,
     asend,
@@ -649,3 +656,24 @@ def _unknown(why: str) -> ProviderRejected:
         f"fal may have accepted this row's request ({why}); it was not sent again, so that "
         "it is never paid twice: `bgswap retry BATCH` re-submits it",
     )
+
+
+SPEC = ProviderSpec(
+    name="fal",
+    # The seed's replace-background endpoint: up to 8 images, four style types, a
+    # colour palette and a seed.
+    caps=ProviderCaps(
+        max_results=8,
+        style_types=frozenset({"AUTO", "GENERAL", "REALISTIC", "DESIGN"}),
+        color_palette=True,
+        seed=True,
+    ),
+    make=FalProvider,
+    account=Account(
+        key_variable="FAL_KEY",
+        key=lambda settings: settings.fal_key,
+        rate=lambda settings: settings.fal_rate,
+        max_in_flight=lambda settings: settings.fal_max_in_flight,
+    ),
+    webhooks=True,
+)

@@ -45,12 +45,14 @@ from worker.jobs import (
     DEFAULT_BACKGROUND,
     EXTENSIONS,
     RGB,
+    STYLE_TYPES,
     Background,
     Job,
     JobSpec,
+    ProviderCaps,
     parse_background,
 )
-from worker.providers.base import OutputImage, ProviderContext, ProviderResult
+from worker.providers.base import OutputImage, ProviderContext, ProviderResult, ProviderSpec
 
 U8 = NDArray[np.uint8]
 Float = NDArray[np.float32]
@@ -689,3 +691,17 @@ class LocalProvider:
             seed=None,
         )
         return ProviderResult(outputs=[output], cost_usd=0.0)
+
+
+SPEC = ProviderSpec(
+    name="local",
+    # Takes every option column but uses none of those that steer a generative model.
+    caps=ProviderCaps(
+        max_results=1,
+        style_types=frozenset(STYLE_TYPES),
+        color_palette=True,
+        seed=True,
+        generative=False,
+    ),
+    make=lambda settings: LocalProvider(),
+)

@@ -46,9 +46,16 @@ from worker.errors import (
     ProviderUnavailable,
 )
 from worker.fetch import parse_retry_after, reference_scheme
-from worker.jobs import CONTENT_TYPES, EXTENSIONS, Job, JobSpec
+from worker.jobs import CONTENT_TYPES, EXTENSIONS, STYLE_TYPES, Job, JobSpec, ProviderCaps
 from worker.limits import Deferred
-from worker.providers.base import OutputImage, ProviderContext, ProviderResult, Wait
+from worker.providers.base import (
+    Account,
+    OutputImage,
+    ProviderContext,
+    ProviderResult,
+    ProviderSpec,
+    Wait,
+)
 from worker.providers.common import (
     Prefetched,
     Rule,
@@ -855,3 +862,20 @@ def _generation_error(errors: Iterable[Mapping[str, Any]], task_uuid: str) -> Bg
 
 class GenerationFailed(ProviderUnavailable):
     """A generation failed on Runware's side: retried as a new task (new taskUUID)."""
+
+
+SPEC = ProviderSpec(
+    name="runware",
+    # The seed's ideogram:4@5: up to 20 results, every style type, no palette, no seed.
+    caps=ProviderCaps(
+        max_results=20, style_types=frozenset(STYLE_TYPES), color_palette=False, seed=False
+    ),
+    make=RunwareProvider,
+    account=Account(
+        key_variable="RUNWARE_API_KEY",
+        key=lambda settings: settings.runware_api_key,
+        rate=lambda settings: settings.runware_rate,
+        max_in_flight=lambda settings: settings.runware_max_in_flight,
+    ),
+    webhooks=True,
+)
