@@ -173,15 +173,13 @@ def test_a_chunk_is_one_celery_message_on_the_broker(celery: Settings) -> None:
     assert len(rest) == 7
 
 
-def test_a_worker_without_room_gives_the_rest_of_a_chunk_back_together(
-    broker: tuple[str, str], tmp_path: Path
-) -> None:
-    # Room for one row at a time: a delivery keeps what it has room for at once (its
-    # first row waits for room) and gives the rest back, in one message.
-    for n in range(3):
+def run_one_chunk(broker: tuple[str, str], tmp_path: Path, rows: int) -> list[list[int]]:
+    """``rows`` rows of the local provider sent as one message to a worker with room for
+    one row at a time; every row must succeed. The indices of each delivery."""
+    for n in range(rows):
         product_shot("box", (900, 700), (240, 240, 240), n).save(tmp_path / f"{n}.png")
     (tmp_path / "m.csv").write_text(
-        "id,image,prompt\n" + "".join(f"r{n},{n}.png,p\n" for n in range(3))
+        "id,image,prompt\n" + "".join(f"r{n},{n}.png,p\n" for n in range(rows))
     )
     delivered: list[list[int]] = []
 
@@ -194,7 +192,7 @@ def test_a_worker_without_room_gives_the_rest_of_a_chunk_back_together(
         runtime.configure(settings)
         store = BatchStore.from_url(settings.effective_redis_url)
         defaults = RowDefaults(base_dir=tmp_path)
-        # Recorded, not published: the three go out below as one message.
+        # Recorded, not published: the rows go out below as one message.
         submitter = Submitter(store, lambda _: None, runner.provider_cache(settings))
         options = SubmitOptions(
             batch_id="room1", output=output_root(str(tmp_path / "out")), defaults=defaults
@@ -203,12 +201,30 @@ def test_a_worker_without_room_gives_the_rest_of_a_chunk_back_together(
         try:
             with inprocess_worker(app), (tmp_path / "m.csv").open("rb") as fh:
                 submitter.submit(read_manifest(fh, "csv", defaults), options)
-                worker.tasks.republish_rows("room1", [0, 1, 2])
+                worker.tasks.republish_rows("room1", list(range(rows)))
                 meta = runner.wait_for_batch(store, "room1", lambda c, t: None, timeout_s=60)
         finally:
             task_prerun.disconnect(on_prerun)
     lines = [json.loads(x) for x in Path(meta["manifest_url"]).read_text().splitlines()]
-    assert [(x["id"], x["status"]) for x in lines] == [(f"r{n}", "succeeded") for n in range(3)]
+    assert [(x["id"], x["status"]) for x in lines] == [(f"r{n}", "succeeded") for n in range(rows)]
+    return delivered
+
+
+def test_a_full_worker_takes_a_chunks_rows_as_its_own_finish(
+    broker: tuple[str, str], tmp_path: Path
+) -> None:
+    # Room for one row, and 20 s to wait for room in all: the rows are adopted as the row
+    # before each finishes, in the one delivery; none bounces back to the queue.
+    assert run_one_chunk(broker, tmp_path, 3) == [[0, 1, 2]]
+
+
+def test_a_worker_without_room_gives_the_rest_of_a_chunk_back_together(
+    broker: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No time to wait for room: a delivery keeps what it has room for and gives the rest
+    # back, in one message, until each row had its turn.
+    monkeypatch.setattr(worker.tasks, "ADOPT_WAIT_S", 0.0)
+    delivered = run_one_chunk(broker, tmp_path, 3)
     assert delivered[0] == [0, 1, 2] and len(delivered) >= 2
     for before, after in itertools.pairwise(delivered):
         assert before[-len(after) :] == after  # what was given back: the rest, in order

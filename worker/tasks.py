@@ -44,17 +44,18 @@ def process_row(batch_id: str, index: int) -> None:
 
 
 # What the producer publishes (producer/publish.py): rows of one batch, adopted in turn.
-# Only the first waits for room (a process that has none for it gives the message back
-# after ADOPT_WAIT_S, not at once: no message bounces between full workers); the rows this
-# process has no room for then go back to the queue together, at once, for another
-# process. A row whose adoption fails (Redis away) is left queued in its record, where
-# the watchdog finds it, as a failed one-row message left it; the others go on.
+# A delivery waits ADOPT_WAIT_S in all for room, as a one-row message did: a full process
+# takes the rows as its own finish (not one per delivery, bouncing the rest between full
+# workers), and gives what is left back together, for another process. A row whose
+# adoption fails (Redis away) is left queued in its record, where the watchdog finds it,
+# as a failed one-row message left it; the others go on.
 @app.task(name=TASK_PROCESS_ROWS, ignore_result=True)  # type: ignore[untyped-decorator]
 def process_rows(batch_id: str, indices: list[int]) -> None:
     engine = get_engine()
+    deadline = time.monotonic() + ADOPT_WAIT_S
     for n, index in enumerate(indices):
         try:
-            adopted = engine.adopt(batch_id, index, ADOPT_WAIT_S if n == 0 else 0.0)
+            adopted = engine.adopt(batch_id, index, max(0.0, deadline - time.monotonic()))
         except Exception as exc:
             log.error("row %d of %s not adopted: %s", index, batch_id, type(exc).__name__)
             continue
