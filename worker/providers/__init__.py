@@ -1,5 +1,6 @@
 """Provider registry: every provider's ``SPEC`` (worker/providers/base.py), listed here
-explicitly, no import-time magic. A new provider is its module and one line below."""
+explicitly, no import-time magic. A new provider is its module, one line below and its
+settings' fields (README: Adding a provider)."""
 
 from __future__ import annotations
 
