@@ -22,7 +22,7 @@ from servers.runware import FakeRunware
 from worker.limits import RATE_BURST, Deferred, in_flight
 from worker.pipeline import Deps, handle_delivery
 from worker.providers import get_provider
-from worker.runtime import build_deps
+from worker.runtime import build_deps, limits_factory
 from worker.settings import Settings
 
 RW_KEY = "rw-limits-key"
@@ -149,3 +149,30 @@ def test_an_auth_error_opens_the_circuit_for_every_batch_on_the_account(
     errors = [r.result["error"] for r in deps.store.records("a2", 2) if r.result]
     assert {e["code"] for e in errors} == {"provider.halted"}
     assert "circuit open" in errors[0]["message"] and "invalidApiKey" in errors[0]["message"]
+
+
+def zrems(client: redis_lib.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_zrem", {}).get("calls", 0))
+
+
+def test_a_slot_freed_once_is_not_freed_again_but_one_taken_over_is(
+    redis_client: redis_lib.Redis, redis_url: str
+) -> None:
+    settings = Settings(redis_url=redis_url, runware_api_key=RW_KEY, runware_max_in_flight=5)
+    here = limits_factory(settings)("runware")
+    elsewhere = limits_factory(settings)("runware")  # another process's, on the same account
+    assert here is not None and elsewhere is not None
+    assert here.admit("b:0") is None
+    before = zrems(redis_client)
+    here.release("b:0")  # the provider is done with it
+    here.release("b:0")  # the row ends: known to be nothing
+    assert zrems(redis_client) - before == 1
+    assert here.admit("b:0") is None  # a retry takes a slot again: freed again at its end
+    here.release("b:0")
+    assert zrems(redis_client) - before == 2
+    # A row another process took a slot for (and died): this one frees it all the same.
+    assert elsewhere.admit("b:1") is None
+    assert ("runware", 1.0, 5.0) in in_flight(settings, redis_client)
+    here.release("b:1")
+    assert ("runware", 0.0, 5.0) in in_flight(settings, redis_client)

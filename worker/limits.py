@@ -12,8 +12,9 @@ state, so the limits hold for the whole fleet:
 - once the provider says the row's generation is over (its results ready, or failed),
   ``release(row)``: the provider's concurrency counts generations, not our downloads
   and uploads, so the next row may start while this one's results are stored. (The
-  row's end releases it again: a no-op by then.) Whoever listens (``on_free``: the
-  engine's admission line) hears of each slot this process frees, at once;
+  row's end releases it again: nothing is sent when this process freed it already.)
+  Whoever listens (``on_free``: the engine's admission line) hears of each slot this
+  process frees, at once;
 - a 429 from the provider ``slow_down()``s the account for a while; an auth or credit
   error ``trip()``s its circuit for every batch.
 
@@ -123,6 +124,13 @@ class ProviderLimits:
     # Told (with the provider's name) when this process frees a slot: rows waiting here
     # for one may go now, not when their line would next look (worker/engine.py).
     on_free: Callable[[str], None] | None = None
+    # Rows whose slot this process freed since it last took one for them: a row's slot is
+    # freed when its provider is done and again when the row ends (a failed or canceled
+    # row), and the second is then known to be nothing. A row this process did not free
+    # (taken over from another) is always sent to Redis. (A row freed here, then taken
+    # by another process that took a new slot for it and died, then taken back here,
+    # leaves that slot to its lease: LEASE_S.)
+    _freed: set[str] = field(default_factory=set)
 
     @property
     def provider(self) -> str:
@@ -156,6 +164,7 @@ class ProviderLimits:
             if not self.loop.run(got):
                 self._refused(row, "slots")
                 return Deferred(SLOT_RETRY_S, f"{self.max_in_flight} requests already in flight")
+            self._freed.discard(row)
         if self.rate is not None:
             wait = self.loop.run(self.backends.rates.acquire(self.key, self.rate, RATE_BURST))
             if wait > 0:
@@ -176,9 +185,13 @@ class ProviderLimits:
 
     def _free(self, row: str) -> bool:
         """Whether the row held a slot (now free)."""
-        if self.max_in_flight is None:
+        if self.max_in_flight is None or row in self._freed:
             return False
-        return self.loop.run(self.backends.slots.release(self.key, row))
+        freed = self.loop.run(self.backends.slots.release(self.key, row))
+        if len(self._freed) > MAX_WAITING_TRACKED:  # rows that ended elsewhere
+            self._freed.clear()
+        self._freed.add(row)
+        return freed
 
     def slow_down(self) -> None:
         if self.rate is not None:
