@@ -12,7 +12,7 @@ from worker.engine import Engine
 from worker.fetch import SourceFetcher
 from worker.limits import BackgroundLoop, ProviderLimits, provider_limits, redis_backends
 from worker.pipeline import Deps
-from worker.providers import SPECS
+from worker.providers import account_of
 from worker.settings import Settings, get_settings
 from worker.state import BatchStore
 from worker.storage import Storage
@@ -133,8 +133,7 @@ def limits_factory(settings: Settings) -> Callable[[str], ProviderLimits | None]
     def get(provider: str) -> ProviderLimits | None:
         with lock:
             if provider not in built:
-                spec = SPECS.get(provider)
-                account = spec.account if spec is not None else None
+                account = account_of(provider)
                 if account is None:
                     built[provider] = None
                 else:

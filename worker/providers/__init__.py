@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from worker.errors import UsageError
 from worker.providers import fal, local, runware
-from worker.providers.base import Provider, ProviderSpec
+from worker.providers.base import Account, Provider, ProviderSpec
 from worker.settings import Settings
 
 SPECS: dict[str, ProviderSpec] = {s.name: s for s in (runware.SPEC, fal.SPEC, local.SPEC)}
@@ -29,15 +29,21 @@ def spec_for(name: str) -> ProviderSpec:
         ) from None
 
 
+def account_of(name: str) -> Account | None:
+    """A paid provider's account; None for a free or unknown one."""
+    spec = SPECS.get(name)
+    return spec.account if spec is not None else None
+
+
 def provider_key(name: str, settings: Settings) -> SecretStr | None:
     """A paid provider's account key, as set (None: unset, or a free provider)."""
-    account = SPECS[name].account if name in SPECS else None
+    account = account_of(name)
     return account.key(settings) if account is not None else None
 
 
 def missing_key(name: str, settings: Settings) -> str | None:
     """The variable a provider's key is missing from here, or None (set, or none needed)."""
-    account = SPECS[name].account if name in SPECS else None
+    account = account_of(name)
     if account is None or account.key(settings) is not None:
         return None
     return account.key_variable

@@ -137,10 +137,6 @@ class Provider(Protocol):
         ...
 
 
-def no_key(settings: Settings) -> SecretStr | None:
-    return None
-
-
 @dataclass(frozen=True)
 class Account:
     """A paid provider's account, as the one Settings object configures it."""
@@ -153,8 +149,8 @@ class Account:
 
 @dataclass(frozen=True)
 class ProviderSpec:
-    """All bgswap knows of a provider besides its code, declared in its own module: a new
-    provider is one file in worker/providers/ and its line in the registry there."""
+    """All bgswap knows of a provider besides its code, declared in its own module (README:
+    Adding a provider)."""
 
     name: str
     caps: ProviderCaps  # what validation lets through to it (worker/jobs.py)
